@@ -1,0 +1,346 @@
+"""The one typed config tree: YAML -> dataclasses -> dotted `key=value` overrides -> validation.
+
+Every leaf carries its default and a help string; a bad key or value raises `ConfigError`
+naming the file, the dotted key, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a person can fix: the message names the key and what is accepted."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "transformers checkpoint directory (config.json, weights, tokenizer)")
+    tokenizer: Optional[str] = _f(None, "tokenizer directory if not beside the weights")
+    dtype: Literal["fp32", "bf16", "fp16"] = _f("fp32", "dtype the weights are loaded and trained in")
+    gradient_checkpointing: bool = _f(False, "recompute activations: less memory, ~30% more time")
+    attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel")
+
+
+@dataclass
+class FinetuneConfig:
+    type: Literal["lora", "full"] = _f("lora", "LoRA adapters (PEFT) or every weight trainable")
+    lora_r: int = _f(16, "LoRA rank; higher adapts more and costs more memory")
+    lora_alpha: float = _f(32.0, "LoRA scale numerator: scale = alpha / r")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA branch input")
+    lora_targets: list[str] = _f(list(ALL_LINEAR), "module names that get adapters")
+    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA), a baseline")
+    loraplus_ratio: Optional[float] = _f(None, "LoRA+: learning rate of B is this times that of A")
+    train_embeddings: bool = _f(False, "full fine-tuning only: also train embeddings and lm_head")
+
+
+@dataclass
+class DataConfig:
+    train_file: str = _f("", "JSON/JSONL (alpaca or chat) or .txt (plain text) training file")
+    valid_file: Optional[str] = _f(None, "validation file; if unset, valid_ratio of train_file")
+    valid_ratio: float = _f(0.05, "share of train_file held out for validation")
+    test_file: Optional[str] = _f(None, "optional test file, evaluated at the end")
+    forget_file: Optional[str] = _f(None, "text from the source domain: its loss measures forgetting")
+    format: Literal["auto", "alpaca", "chat", "text"] = _f("auto", "record format")
+    template: Literal["auto", "llama2", "tokenizer", "plain"] = _f(
+        "auto", "prompt rendering: llama2 [INST], the tokenizer's chat template, or plain")
+    max_length: int = _f(512, "tokens per example (and per packed block)")
+    overlong: Literal["truncate", "reject"] = _f("truncate", "what to do with longer examples")
+    packing: bool = _f(False, "pack examples into max_length blocks (text is always blocked)")
+    train_on_prompt: bool = _f(False, "also compute the loss on the prompt tokens")
+    max_samples: Optional[int] = _f(None, "use only the first N training records")
+    max_eval_samples: Optional[int] = _f(None, "use only the first N validation records")
+    seed: int = _f(0, "seed of the validation split")
+
+
+@dataclass
+class MethodConfig:
+    penalty: Literal["none", "coupled", "decoupled"] = _f(
+        "none", "weight direction penalty: in the loss (coupled) or applied by the optimizer")
+    direction_weight: float = _f(0.0, "lambda_dir: strength of the direction penalty")
+    granularity: Literal["row", "tensor"] = _f("row", "one direction per output row or per tensor")
+    targets: list[str] = _f(list(ALL_LINEAR), "module names the penalty covers")
+    reference_dtype: Literal["fp32", "bf16", "fp16", "same"] = _f(
+        "bf16", "dtype of the stored pretrained references (full fine-tuning only)")
+    reference_device: Literal["same", "cpu"] = _f("same", "where references/anchors live")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "balanced_adamw"] = _f("adamw", "torch AdamW baseline or BalancedAdamW")
+    lr: float = _f(2e-4, "peak learning rate")
+    weight_decay: float = _f(0.0, "lambda: decay strength (towards the anchor for balanced_adamw)")
+    betas: list[float] = _f([0.9, 0.999], "Adam moment coefficients")
+    eps: float = _f(1e-8, "Adam epsilon")
+    anchor: Literal["init", "zero", "none"] = _f("init", "balanced_adamw: where decay pulls to")
+    balance: Literal["none", "scale", "selective"] = _f("scale", "balanced_adamw: per-tensor b_i")
+    anchor_dtype: Literal["fp32", "bf16", "fp16"] = _f("bf16", "balanced_adamw: anchor storage dtype")
+    foreach: Optional[bool] = _f(None, "force the foreach (True) or single-tensor (False) path")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/run", "run folder: metrics, checkpoints, plots, resolved config")
+    seed: int = _f(42, "seed of initialisation, dropout and data order")
+    max_steps: int = _f(1000, "optimizer steps; -1 to use num_epochs")
+    num_epochs: float = _f(1.0, "epochs, used when max_steps is -1")
+    batch_size: int = _f(8, "examples per device per micro-batch")
+    eval_batch_size: int = _f(16, "examples per device per evaluation batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warmup")
+    warmup_steps: int = _f(0, "linear warmup steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = _f(0.0, "warmup as a share of max_steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping; 0 disables")
+    eval_every: int = _f(50, "validation every k steps (and at step 0)")
+    target_loss: Optional[float] = _f(None, "stop at the first evaluation with loss <= this")
+    save_every: int = _f(0, "checkpoint every k steps; 0 = only at evaluations that improve")
+    save_total_limit: int = _f(2, "checkpoints kept besides the best")
+    log_every: int = _f(1, "log training metrics every k steps")
+    drift_every: int = _f(10, "compute angle/drift to the pretrained weights every k steps")
+    resume: Optional[str] = _f(None, "checkpoint folder, or 'auto' for the newest in output_dir")
+    overwrite: bool = _f(False, "allow writing into an output_dir that already holds a run")
+    nan_policy: Literal["stop", "skip"] = _f("stop", "on a NaN/Inf loss or gradient")
+    num_workers: int = _f(0, "data loader workers")
+    report_to: list[str] = _f(["tensorboard"], "extra loggers: tensorboard, or none")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a field type; raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: {value!r} is not valid; expected {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str) and inner is str:  # "q_proj,v_proj" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {dotted!r}{hint}; accepted: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value: YAML scalar rules, so 1e-4, true, null and [a, b] all work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.lr=1e-4)")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.finetune.lora_r >= 1, "finetune.lora_r", cfg.finetune.lora_r, "an integer >= 1"),
+        (0 <= cfg.finetune.lora_dropout < 1, "finetune.lora_dropout", cfg.finetune.lora_dropout, "0 <= x < 1"),
+        (cfg.finetune.loraplus_ratio is None or cfg.finetune.loraplus_ratio > 0,
+         "finetune.loraplus_ratio", cfg.finetune.loraplus_ratio, "null or a number > 0"),
+        (0 <= cfg.data.valid_ratio < 1, "data.valid_ratio", cfg.data.valid_ratio, "0 <= x < 1"),
+        (cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length, "an integer >= 2"),
+        (cfg.method.direction_weight >= 0, "method.direction_weight", cfg.method.direction_weight, "a number >= 0"),
+        (cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "a number > 0"),
+        (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "a number >= 0"),
+        (len(cfg.optimizer.betas) == 2 and all(0 <= b < 1 for b in cfg.optimizer.betas),
+         "optimizer.betas", cfg.optimizer.betas, "two numbers in [0, 1)"),
+        (cfg.optimizer.eps >= 0, "optimizer.eps", cfg.optimizer.eps, "a number >= 0"),
+        (cfg.train.max_steps == -1 or cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "-1 or >= 1"),
+        (cfg.train.num_epochs > 0, "train.num_epochs", cfg.train.num_epochs, "a number > 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "an integer >= 1"),
+        (cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, "an integer >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", cfg.train.grad_accum, "an integer >= 1"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "an integer >= 0"),
+        (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", cfg.train.warmup_ratio, "0 <= x < 1"),
+        (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", cfg.train.max_grad_norm, "a number >= 0"),
+        (cfg.train.eval_every >= 1, "train.eval_every", cfg.train.eval_every, "an integer >= 1"),
+        (cfg.train.save_every >= 0, "train.save_every", cfg.train.save_every, "an integer >= 0"),
+        (cfg.train.save_total_limit >= 1, "train.save_total_limit", cfg.train.save_total_limit, "an integer >= 1"),
+        (cfg.train.log_every >= 1, "train.log_every", cfg.train.log_every, "an integer >= 1"),
+        (cfg.train.drift_every >= 0, "train.drift_every", cfg.train.drift_every, "an integer >= 0"),
+        (all(r in ("tensorboard", "none") for r in cfg.train.report_to), "train.report_to",
+         cfg.train.report_to, "a list of 'tensorboard' or 'none'"),
+    ]
+    for ok, key, value, accepted in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is not valid; expected {accepted}")
+    if cfg.method.penalty != "none" and cfg.method.direction_weight == 0:
+        raise ConfigError("method.direction_weight: 0 with method.penalty="
+                          f"{cfg.method.penalty!r} does nothing; set a weight > 0 or penalty: none")
+    if cfg.method.penalty == "decoupled" and cfg.optimizer.name != "balanced_adamw":
+        raise ConfigError("method.penalty: 'decoupled' is applied by the optimizer; "
+                          "it needs optimizer.name: balanced_adamw")
+    if cfg.finetune.type == "full" and (cfg.finetune.use_dora or cfg.finetune.loraplus_ratio):
+        raise ConfigError("finetune.use_dora / finetune.loraplus_ratio apply to finetune.type: lora only")
+    return cfg
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    try:
+        return validate(_build(Config, data, ""))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply overrides, validate."""
+    data: dict = {}
+    source = "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}:{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections "
+                              f"({', '.join(f.name for f in dataclasses.fields(Config))})")
+        source = str(p)
+    apply_overrides(data, overrides or [])
+    return from_dict(data, source)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) rows: the config reference in the README comes from this."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((key, _type_name(tp), repr(default), f.metadata.get("help", "")))
+    return rows
