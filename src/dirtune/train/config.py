@@ -7,6 +7,7 @@ naming the file, the dotted key, the bad value and what is accepted.
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import types
 import typing
@@ -37,6 +38,7 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = _f("fp32", "dtype the weights are loaded and trained in")
     gradient_checkpointing: bool = _f(False, "recompute activations: less memory, ~30% more time")
     attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel")
+    from_scratch: bool = _f(False, "random initialisation from path/config.json (pretraining a source model)")
 
 
 @dataclass
@@ -120,6 +122,7 @@ class TrainConfig:
     num_workers: int = _f(0, "data loader workers")
     report_to: list[str] = _f(["tensorboard"], "extra loggers: tensorboard, or none")
     progress: bool = _f(True, "show a progress bar")
+    device: str = _f("auto", "auto (GPU if any), cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -283,6 +286,8 @@ def validate(cfg: Config) -> Config:
         (cfg.train.save_total_limit >= 1, "train.save_total_limit", cfg.train.save_total_limit, "an integer >= 1"),
         (cfg.train.log_every >= 1, "train.log_every", cfg.train.log_every, "an integer >= 1"),
         (cfg.train.drift_every >= 0, "train.drift_every", cfg.train.drift_every, "an integer >= 0"),
+        (cfg.train.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.train.device) is not None,
+         "train.device", cfg.train.device, "auto, cpu, cuda or cuda:N"),
         (all(r in ("tensorboard", "none") for r in cfg.train.report_to), "train.report_to",
          cfg.train.report_to, "a list of 'tensorboard' or 'none'"),
     ]
@@ -295,6 +300,9 @@ def validate(cfg: Config) -> Config:
     if cfg.method.penalty == "decoupled" and cfg.optimizer.name != "balanced_adamw":
         raise ConfigError("method.penalty: 'decoupled' is applied by the optimizer; "
                           "it needs optimizer.name: balanced_adamw")
+    if cfg.method.penalty == "decoupled" and cfg.finetune.type == "lora":
+        raise ConfigError("method.penalty: 'decoupled' turns full weights toward their pretrained direction; "
+                          "with finetune.type: lora use penalty: coupled (the factored form)")
     if cfg.finetune.type == "full" and (cfg.finetune.use_dora or cfg.finetune.loraplus_ratio):
         raise ConfigError("finetune.use_dora / finetune.loraplus_ratio apply to finetune.type: lora only")
     return cfg
