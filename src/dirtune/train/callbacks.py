@@ -1,0 +1,174 @@
+"""Trainer callbacks: evaluation records and the target stop, drift metrics, progress, faults."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from dirtune.train.run_folder import MetricsLog
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient under train.nan_policy=stop."""
+
+
+class EvalRecorder(TrainerCallback):
+    """Writes an eval line per evaluation and stops at the first one whose loss <= target_loss."""
+
+    def __init__(self, log: MetricsLog, target_loss: float | None):
+        self.log = log
+        self.target_loss = target_loss
+        self.target_step: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = metrics or {}
+        loss = metrics.get("eval_valid_loss", metrics.get("eval_loss"))
+        if loss is None:
+            return
+        record = {"kind": "eval", "step": state.global_step, "eval_loss": loss}
+        if "eval_forget_loss" in metrics:
+            record["forget_loss"] = metrics["eval_forget_loss"]
+        self.log.write(record)
+        if self.target_loss is not None and self.target_step is None and loss <= self.target_loss:
+            self.target_step = state.global_step
+            self.log.write({"kind": "event", "step": state.global_step,
+                            "event": f"target_loss {self.target_loss} reached (eval loss {loss:.6g})"})
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class DriftMeter(TrainerCallback):
+    """Every k steps: per module type, the angle to the pretrained weights and ||W-W0||/||W0||.
+
+    `measure` is DirectionPenalty.angles (it already holds the references); the values are
+    handed to the trainer, which merges them into the next training log line.
+    """
+
+    def __init__(self, measure: Callable[[], dict[str, dict[str, float]]], every: int, sink: dict):
+        self.measure, self.every, self.sink = measure, every, sink
+
+    def _collect(self) -> None:
+        stats = self.measure()
+        angles = {f"angle/{k}": v["angle"] for k, v in stats.items()}
+        drifts = {f"drift/{k}": v["drift"] for k, v in stats.items()}
+        if angles:
+            angles["angle/mean"] = sum(angles.values()) / len(angles)
+            drifts["drift/mean"] = sum(drifts.values()) / len(drifts)
+        self.sink.update(angles)
+        self.sink.update(drifts)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self._collect()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self._collect()
+
+
+class Progress(TrainerCallback):
+    """One bar: step / max_steps, ETA, last training loss, last validation loss."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.post: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.enabled and state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train",
+                            dynamic_ncols=True, unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.post["loss"] = f"{logs['loss']:.4f}"
+        if "eval_valid_loss" in logs:
+            self.post["val"] = f"{logs['eval_valid_loss']:.4f}"
+        self.bar.set_postfix(self.post, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class FaultGuard(TrainerCallback):
+    """NaN/Inf checks before each optimizer step, and SIGINT/SIGTERM turned into save-and-stop.
+
+    Checking before the step means a bad gradient never reaches the weights, so no NaN weights
+    can be saved as a checkpoint or as the best model.
+    """
+
+    def __init__(self, policy: str, log: MetricsLog, last_loss: Callable[[], torch.Tensor | None]):
+        self.policy, self.log, self.last_loss = policy, log, last_loss
+        self.interrupted: str | None = None
+        self.skipped = 0
+        self._previous: dict[int, Any] = {}
+
+    # -- signals
+    def _handler(self, signum, frame):
+        self.interrupted = signal.Signals(signum).name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. a test runner): leave signals alone
+                pass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+            self.log.write({"kind": "event", "step": state.global_step,
+                            "event": f"{self.interrupted}: checkpoint saved, stopping"})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    # -- numerics
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        loss = self.last_loss()
+        bad = None
+        if loss is not None and not torch.isfinite(loss).all():
+            bad = "loss"
+        else:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads and not all(math.isfinite(n) for n in torch.stack(torch._foreach_norm(grads)).tolist()):
+                bad = "gradient"
+        if bad is None:
+            return
+        step = state.global_step + 1
+        if self.policy == "stop":
+            self.log.write({"kind": "event", "step": step, "event": f"non-finite {bad}: stopped"})
+            raise NonFiniteError(f"step {step}: the {bad} is NaN or Inf; stopped before the optimizer step "
+                                 "(weights untouched). Lower optimizer.lr, check the data, or set "
+                                 "train.nan_policy=skip to skip such steps")
+        # skip: a parameter whose grad is None is left alone by torch optimizers (state too).
+        for p in model.parameters():
+            p.grad = None
+        self.skipped += 1
+        self.log.write({"kind": "event", "step": step, "event": f"non-finite {bad}: step skipped"})
+
+
+class Timer(TrainerCallback):
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,182 @@
+"""`run_training(cfg)`: the one training entry the CLI, the demo and the bench all call.
+
+config -> run folder -> model (+LoRA) and data -> DirtuneTrainer with callbacks -> summary.json
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from dirtune.data import build_datasets, collate
+from dirtune.models.direction import DirectionPenalty
+from dirtune.models.loading import check_tokenizer_matches, count_parameters, load_model, load_tokenizer
+from dirtune.models.lora import apply_lora, prepare_full_finetune
+from dirtune.train import run_folder
+from dirtune.train.callbacks import DriftMeter, EvalRecorder, FaultGuard, Progress
+from dirtune.train.config import Config
+from dirtune.train.plots import plot_run
+from dirtune.train.trainer import DTYPES, DirtuneTrainer
+
+
+def _select_device(device: str) -> None:
+    """'cuda:N' for one process: narrow the visible GPUs before CUDA starts, so that Trainer
+    (which always takes the current device) lands on GPU N."""
+    if device.startswith("cuda:") and not torch.cuda.is_initialized():
+        index = device.split(":", 1)[1]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            ids = [v.strip() for v in visible.split(",")]
+            index = ids[int(index)] if int(index) < len(ids) else index
+        os.environ["CUDA_VISIBLE_DEVICES"] = index
+
+
+def build_model(cfg: Config, tokenizer=None):
+    """Load (or initialise) the model and wrap it for LoRA or full fine-tuning."""
+    tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    model = load_model(cfg.model, from_scratch=cfg.model.from_scratch)
+    check_tokenizer_matches(model, tokenizer)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.finetune.type == "lora":
+        if cfg.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, cfg.finetune)
+    else:
+        prepare_full_finetune(model, cfg.finetune.train_embeddings)
+    return model, tokenizer
+
+
+def build_penalty(model, cfg: Config):
+    """The coupled penalty (weight lambda_dir), or a weight-0 instance used only to measure drift."""
+    coupled = cfg.method.penalty == "coupled"
+    if not coupled and cfg.train.drift_every == 0:
+        return None
+    ref_dtype = None if cfg.method.reference_dtype == "same" else DTYPES[cfg.method.reference_dtype]
+    return DirectionPenalty(model, cfg.method.direction_weight if coupled else 0.0,
+                            granularity=cfg.method.granularity, targets=tuple(cfg.method.targets),
+                            reference_dtype=ref_dtype,
+                            reference_device="cpu" if cfg.method.reference_device == "cpu" else None)
+
+
+def training_arguments(cfg: Config, out: Path, resuming: bool, has_valid: bool) -> TrainingArguments:
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        learning_rate=cfg.optimizer.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=warmup,
+        max_grad_norm=t.max_grad_norm,
+        bf16=cfg.model.dtype == "bf16" and torch.cuda.is_available() and t.device != "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_strategy="steps",
+        logging_steps=t.log_every,
+        eval_strategy="steps" if has_valid else "no",
+        eval_steps=t.eval_every,
+        eval_on_start=has_valid and not resuming,
+        save_strategy=("steps" if t.save_every else "best") if has_valid else "steps",
+        save_steps=t.save_every or t.eval_every,
+        save_total_limit=t.save_total_limit,
+        metric_for_best_model="eval_valid_loss" if has_valid else None,
+        greater_is_better=False,
+        load_best_model_at_end=has_valid,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        logging_dir=str(out / "tb"),
+        disable_tqdm=True,
+        dataloader_num_workers=t.num_workers,
+        remove_unused_columns=False,
+        use_cpu=t.device == "cpu",
+        logging_nan_inf_filter=False,
+    )
+
+
+def run_training(cfg: Config) -> dict:
+    """Train per `cfg`; write the run folder; return the summary (also in summary.json)."""
+    started = time.perf_counter()
+    _select_device(cfg.train.device)
+    out, resume_ckpt = run_folder.prepare(cfg)
+    set_seed(cfg.train.seed)
+    transformers.logging.set_verbosity_error()
+
+    model, tokenizer = build_model(cfg)
+    data = build_datasets(cfg.data, tokenizer)
+    run_folder.write_manifest(out, cfg, data.data_files,
+                              {"parameters": count_parameters(model), "data": data.stats})
+    penalty = build_penalty(model, cfg)
+
+    resume_step = None
+    if resume_ckpt is not None:
+        resume_step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
+    log = run_folder.MetricsLog(out / "metrics.jsonl", resume_step)
+    extra: dict = {}
+    evals = {}
+    if data.valid is not None:
+        evals["valid"] = data.valid
+    if data.forget is not None:
+        evals["forget"] = data.forget
+    args = training_arguments(cfg, out, resume_ckpt is not None, bool(evals))
+    recorder = EvalRecorder(log, cfg.train.target_loss)
+    trainer = DirtuneTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=evals or None,
+        data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id), processing_class=tokenizer,
+        dirtune_cfg=cfg, penalty=penalty if cfg.method.penalty == "coupled" else None,
+        metrics_log=log, extra_logs=extra,
+    )
+    guard = FaultGuard(cfg.train.nan_policy, log, lambda: trainer.last_loss)
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.add_callback(recorder)
+    trainer.add_callback(guard)
+    trainer.add_callback(Progress(cfg.train.progress))
+    if penalty is not None and cfg.train.drift_every > 0:
+        trainer.add_callback(DriftMeter(penalty.angles, cfg.train.drift_every, extra))
+
+    trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
+
+    test_loss = None
+    if data.test is not None:
+        test_loss = trainer.evaluate(eval_dataset={"test": data.test})["eval_test_loss"]
+    records = log.read()
+    summary = summarise(records, cfg, recorder.target_step, trainer, test_loss)
+    summary.update(wall_time_s=time.perf_counter() - started, interrupted=guard.interrupted,
+                   skipped_steps=guard.skipped, data=data.stats)
+    if guard.interrupted is None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
+    return summary
+
+
+def summarise(records: list[dict], cfg: Config, target_step, trainer, test_loss) -> dict:
+    evals = [r for r in records if r.get("kind") == "eval"]
+    losses = [(r["step"], r["eval_loss"]) for r in evals if isinstance(r.get("eval_loss"), float)]
+    best_step, best = min(losses, key=lambda x: (x[1], x[0])) if losses else (None, None)
+    forget = [r["forget_loss"] for r in evals if isinstance(r.get("forget_loss"), float)]
+    return {
+        "target_loss": cfg.train.target_loss,
+        "target_step": target_step,
+        "best_eval_loss": best,
+        "best_step": best_step,
+        "final_eval_loss": losses[-1][1] if losses else None,
+        "final_step": trainer.state.global_step,
+        "stopped_early": target_step is not None,
+        "test_loss": test_loss,
+        "forget_loss_start": forget[0] if forget else None,
+        "forget_loss_end": forget[-1] if forget else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+    }
