@@ -1,0 +1,251 @@
+"""Loading and writing transformers checkpoints and tokenizers, from local folders only.
+
+Everything here reads local files (`local_files_only=True`): nothing reaches the hub. A missing
+folder, config, weights file or tokenizer raises `ModelError` naming the path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from dirtune.models.errors import ModelError
+
+__all__ = [
+    "DTYPES",
+    "ModelError",
+    "check_tokenizer_matches",
+    "count_parameters",
+    "find_weight_files",
+    "load_model",
+    "load_sentencepiece",
+    "load_tokenizer",
+    "save_tokenizer_from_sentencepiece",
+    "write_checkpoint",
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# Beside a checkpoint, SentencePiece's own file is named this.
+SPM_FILE = "tokenizer.model"
+
+PathLike = Union[str, Path]
+
+
+def to_dtype(name: str) -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
+    if name not in DTYPES:
+        raise ModelError(f"dtype {name!r} is not valid; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------- models
+
+def find_weight_files(path: PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder, in the order of WEIGHT_PATTERNS (may be empty)."""
+    path = Path(path)
+    found: list[Path] = []
+    for pattern in WEIGHT_PATTERNS:
+        found += sorted(p for p in path.glob(pattern) if p.is_file())
+    return found
+
+
+def _check_checkpoint_dir(path: Path, *, need_weights: bool) -> None:
+    if not path.is_dir():
+        raise ModelError(f"{path}: model folder not found")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json (is this a transformers checkpoint folder?)")
+    if need_weights and not find_weight_files(path):
+        raise ModelError(f"{path}: no model weights ({', '.join(WEIGHT_PATTERNS)}) found")
+
+
+def load_model(cfg_model, *, device: Optional[Union[str, torch.device]] = None,
+               from_scratch: bool = False) -> nn.Module:
+    """The causal LM in `cfg_model.path` (a LlamaForCausalLM for LLaMA checkpoints).
+
+    Weights are loaded in `cfg_model.dtype` with `cfg_model.attn_implementation`. With
+    `from_scratch=True` only config.json is read and the weights are randomly initialised
+    (seed torch before calling); this is how source models are pretrained. `device` moves
+    the model there after loading (default: stay on the CPU).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # absolute, so that adapters saved from this model record a base path usable from anywhere
+    path = Path(cfg_model.path).expanduser().resolve()
+    _check_checkpoint_dir(path, need_weights=not from_scratch)
+    dtype = to_dtype(cfg_model.dtype)
+    kwargs = dict(dtype=dtype, attn_implementation=cfg_model.attn_implementation)
+    try:
+        if from_scratch:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{path}: could not load the model: {e}") from e
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """{'total': all parameters, 'trainable': those with requires_grad} (tied weights once)."""
+    total = trainable = 0
+    for p in model.parameters():  # .parameters() yields a shared (tied) tensor only once
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {"total": total, "trainable": trainable}
+
+
+def write_checkpoint(out_dir: PathLike, config, names_shapes: Iterable[tuple[str, tuple]],
+                     get: Callable[[str], torch.Tensor], dtype: torch.dtype,
+                     max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write a transformers checkpoint (config.json, generation_config.json, safetensors shards).
+
+    Tensors are produced one at a time by `get(name)`, cast to `dtype` and written shard by
+    shard, so memory holds at most one shard: this is how a 70B release converts on a host
+    with less memory than the model. One shard is `model.safetensors`; more are
+    `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, as
+    `save_pretrained` names them.
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names_shapes = list(names_shapes)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    total = 0
+    for name, shape in names_shapes:
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+        total += nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for name in names:
+            # contiguous + clone: safetensors needs owned, non-overlapping storage
+            tensors[name] = get(name).to(dtype).contiguous().clone()
+            weight_map[name] = fname
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.dtype = dtype
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def _finish_tokenizer(tok):
+    """Pad with unk (or eos when there is no unk), pad on the right.
+
+    unk rather than eos: padding positions are masked anyway, and a pad id distinct from eos
+    keeps collators that mask `labels == pad_token_id` from also masking the real eos.
+    """
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_sentencepiece(model_file: PathLike):
+    """A sentencepiece.SentencePieceProcessor, or ModelError naming the file."""
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError) as e:
+        raise ModelError(f"{model_file}: not a SentencePiece model ({e}); "
+                         "LLaMA 3's tiktoken tokenizer.model is not supported") from None
+
+
+def _tokenizer_from_sentencepiece(model_file: Path):
+    """A fast tokenizer built from a SentencePiece .model, encoding like SentencePiece plus BOS."""
+    from transformers import AutoTokenizer
+
+    load_sentencepiece(model_file)
+    # transformers converts only a file named tokenizer.model in a folder; copy it to one
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(model_file, Path(tmp) / SPM_FILE)
+        # the generic backend follows the .model's own normalizer spec, so ids equal
+        # SentencePieceProcessor.encode; LLaMA prepends BOS, which it does not by default
+        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, add_bos_token=True,
+                                            add_eos_token=False)
+    tok.name_or_path = str(model_file)  # not the temporary folder
+    return tok
+
+
+def load_tokenizer(path: PathLike):
+    """The tokenizer in `path`: a transformers tokenizer folder, or one holding only tokenizer.model.
+
+    `path` may also be a SentencePiece .model file. The result adds BOS, pads on the right,
+    and has a pad token (unk, or eos without unk).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".model":
+        return _finish_tokenizer(_tokenizer_from_sentencepiece(path))
+    if not path.is_dir():
+        raise ModelError(f"{path}: tokenizer folder not found")
+    has_hf = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    if not has_hf:
+        if (path / SPM_FILE).is_file():
+            return _finish_tokenizer(_tokenizer_from_sentencepiece(path / SPM_FILE))
+        raise ModelError(f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}) found")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: could not load the tokenizer: {e}") from e
+    return _finish_tokenizer(tok)
+
+
+def save_tokenizer_from_sentencepiece(model_file: PathLike, out_dir: PathLike):
+    """Write a transformers tokenizer folder (tokenizer.json + config) built from a .model file.
+
+    The .model itself is copied beside it. Returns the tokenizer.
+    """
+    model_file = Path(model_file).expanduser()
+    if not model_file.is_file():
+        raise ModelError(f"{model_file}: SentencePiece model file not found")
+    tok = _finish_tokenizer(_tokenizer_from_sentencepiece(model_file))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    if model_file.resolve() != (out / SPM_FILE).resolve():
+        shutil.copyfile(model_file, out / SPM_FILE)
+    return tok
+
+
+def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
+    """ModelError unless every token id of `tokenizer` (and its bos/eos) has an embedding row."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
+    if len(tokenizer) > rows:
+        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                         f"embedding has {rows} rows; use the tokenizer the model was trained with")
+    for which in ("bos_token_id", "eos_token_id"):
+        tid = getattr(tokenizer, which, None)
+        if tid is not None and not 0 <= tid < rows:
+            raise ModelError(f"{name}: {which} {tid} is outside the model's embedding "
+                             f"of {rows} rows (tokenizer has {len(tokenizer)} tokens)")
