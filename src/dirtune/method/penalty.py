@@ -1,0 +1,330 @@
+"""The weight direction penalty of method.md §1, in plain torch.
+
+For a trainable tensor `θ` and its pretrained reference `θ0`,
+
+    R(θ)     = (1/|S|) Σ_i (1 − cos(θ_i, θ0_i))                    granularity "tensor"
+    R_row(θ) = (1/|S|) Σ_i mean_r (1 − cos(θ_i[r,:], θ0_i[r,:]))   granularity "row"
+
+with the Frobenius inner product and norm. Near `cos ≈ 1` (where fine-tuning lives) `1 − cos`
+taken as one minus a ratio is all round-off in fp32, so nothing here computes it that way:
+
+- dense weights: `1 − cos = ||u − u0||² / 2` with the unit vectors `u = θ/||θ||`,
+  `u0 = θ0/||θ0||`, and the closed-form gradient `∇_θ (1 − c) = −(u0 − c·u)/||θ||`;
+- LoRA (`W = W0 + s·B·A`, reference `W0`): the factored identities of method.md and
+  `1 − cos = s²·(n0·q − c²)₊ / (√(n0·v)·(√(n0·v) + u))`, `u = n0 + s·c`, `v = n0 + 2s·c + s²·q`.
+
+The arithmetic is fp32 whatever the weights' dtype (float64 when an input is float64).
+
+`eps`: a norm below `EPS` is replaced by `EPS`, i.e. `cos(a, b) = <a, b> / (max(||a||, ε)·
+max(||b||, ε))`. This differs from method.md's `||a||·||b|| + ε` only for norms near ε, and it
+keeps unit vectors exactly of length one whenever the norm exceeds ε, which the cancellation-free
+identities need. A zero row (or tensor) thus has `cos = 0` and a penalty of 1, never NaN.
+
+Imports only torch (house rule: the method does not know about transformers or peft).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+EPS = 1e-12
+"""Norm floor ε (see the module docstring); squared, 1e-24 is still a normal fp32 number."""
+
+_GRANULARITIES = ("row", "tensor")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (plumbing)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_granularity(fn: str, granularity: str) -> bool:
+    """Return True for "row"; raise a ValueError naming the bad value otherwise."""
+    if granularity not in _GRANULARITIES:
+        raise ValueError(
+            f"{fn}: granularity={granularity!r} is not supported; accepted: 'row', 'tensor'")
+    return granularity == "row"
+
+
+def _as_list(fn: str, name: str, value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(value)
+    raise ValueError(f"{fn}: {name} must be a tensor or a list/tuple of tensors, "
+                     f"got {type(value).__name__}")
+
+
+def _check_floating(fn: str, name: str, i: int, t) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{fn}: {name}[{i}] must be a floating-point tensor, got {what}")
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32, or float64 if any input is float64 (bf16/fp16 inputs are never used for the math)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense form
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows_view(t: torch.Tensor, rows: bool) -> torch.Tensor:
+    """(R, N) view: one row per output row (dim 0) for "row", a single row for "tensor".
+
+    Tensors of dimension < 2 have no output rows; they are one row (the whole vector)."""
+    if rows and t.dim() >= 2:
+        return t.reshape(t.shape[0], -1)
+    return t.reshape(1, -1)
+
+
+def _one_minus_cos_rows(t: torch.Tensor, r: torch.Tensor, eps: float):
+    """Per-row `1 − cos` of two (R, N) tensors in the compute dtype, cancellation-free.
+
+    Returns (val (R,), m (R,), m0 (R,)) with `m = max(||t_r||, ε)`, `m0 = max(||r_r||, ε)`.
+    `val = ||u − u0||²/2 + (1 − ||u||²)/2 + (1 − ||u0||²)/2` with `u = t/m`, `u0 = r/m0`, which is
+    `1 − <t, r>/(m·m0)` exactly; the two corrections are exactly 0 unless a norm is below ε
+    (then `n/m` is not 1), so near `cos ≈ 1` only `||u − u0||²/2` is computed.
+    """
+    n = torch.linalg.vector_norm(t, dim=1)
+    n0 = torch.linalg.vector_norm(r, dim=1)
+    m, m0 = n.clamp_min(eps), n0.clamp_min(eps)
+    d = t / m[:, None]
+    d.sub_(r / m0[:, None])                                  # u − u0, (R, N)
+    val = 0.5 * torch.linalg.vector_norm(d, dim=1).square()
+    val = val + 0.5 * (1 - (n / m).square()) + 0.5 * (1 - (n0 / m0).square())
+    return val, m, m0
+
+
+class _DenseDirection(torch.autograd.Function):
+    """`mean_rows(1 − cos(θ_r, θ0_r))` of one tensor with the closed-form gradient.
+
+    Saves θ and θ0 as given (no copies: both are alive anyway) and three per-row vectors; the
+    fp32 unit vectors are recomputed in backward instead of kept between forward and backward.
+    θ0 is a constant (it gets no gradient) and may live on another device (e.g. the CPU): it
+    is moved to θ's device for the forward and again for the backward, transiently.
+    """
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, ref: torch.Tensor, rows: bool, eps: float):
+        cd = _compute_dtype(theta, ref)
+        t = _rows_view(theta, rows).to(cd)
+        r = _rows_view(ref, rows).to(device=theta.device, dtype=cd)
+        val, m, m0 = _one_minus_cos_rows(t, r, eps)
+        ctx.save_for_backward(theta, ref, val, m, m0)
+        ctx.rows, ctx.eps = rows, eps
+        return val.mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        theta, ref, val, m, m0 = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        cd = val.dtype
+        t = _rows_view(theta, ctx.rows).to(cd)
+        r = _rows_view(ref, ctx.rows).to(device=theta.device, dtype=cd)
+        u = t / m[:, None]
+        u0 = r / m0[:, None]
+        # −(u0 − c·u) = (u − u0) − (1 − c)·u: no difference of two nearly equal numbers.
+        g = (u - u0).sub_(val[:, None] * u)
+        # Below ε the norm is the constant ε, so there the gradient is −u0/ε (finite).
+        # (m > ε: the norm was not clamped; m == ε: it was at or below ε.)
+        g = torch.where((m > ctx.eps)[:, None], g, -u0)
+        g.mul_((grad_out / (val.numel() * m))[:, None])      # mean over rows, 1/||θ_r||
+        return g.reshape(theta.shape).to(theta.dtype), None, None, None
+
+
+def direction_penalty(weights, refs, granularity: str = "row") -> torch.Tensor:
+    """`R` (or `R_row`) of method.md §1: mean over tensors of `1 − cos(θ_i, θ0_i)`.
+
+    weights: a tensor or a list/tuple of tensors `θ_i` (any float dtype; differentiable).
+    refs:    the references `θ0_i`, same count and shapes; constants (no gradient), possibly on
+             another device (moved to the weight's device, transiently, at each call).
+    granularity: "row" = per tensor, the mean over output rows (dim 0) of the per-row
+             `1 − cos` (a 1-D tensor is one row); "tensor" = one Frobenius cosine per tensor.
+
+    Returns a 0-d fp32 tensor (float64 if an input is float64). Computed as
+    `||u − u0||²/2` per row/tensor, with gradient `−(u0 − c·u)/||θ||` (divided by the number of
+    rows and tensors); at `θ = θ0` value and gradient are zero, and the value is invariant to
+    scaling a row/tensor of `θ` by a positive number.
+    """
+    fn = "direction_penalty"
+    rows = _check_granularity(fn, granularity)
+    ws, rs = _as_list(fn, "weights", weights), _as_list(fn, "refs", refs)
+    if not ws:
+        raise ValueError(f"{fn}: weights is empty; give at least one tensor")
+    if len(ws) != len(rs):
+        raise ValueError(f"{fn}: got {len(ws)} weights but {len(rs)} refs; give one reference "
+                         "per weight")
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        _check_floating(fn, "weights", i, w)
+        _check_floating(fn, "refs", i, r)
+        if w.shape != r.shape:
+            raise ValueError(f"{fn}: weights[{i}] has shape {tuple(w.shape)} but refs[{i}] has "
+                             f"shape {tuple(r.shape)}; a reference must have its weight's shape")
+    terms = [_DenseDirection.apply(w, r.detach(), rows, EPS) for w, r in zip(ws, rs)]
+    return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
+    """Tensor-level angle ∠(θ, θ0) in degrees and relative drift `||θ − θ0|| / ||θ0||`.
+
+    Without gradient, in fp32 (float64 for float64 inputs). The angle is
+    `2·asin(||u − u0||/2)`, i.e. `2·asin(√((1 − cos)/2))` with the cancellation-free `1 − cos`
+    above, so it resolves thousandths of a degree in fp32. Returns two 0-d tensors (no host
+    sync; call `.item()` when logging). A zero tensor has angle 90° (cos = 0).
+    """
+    if weight.shape != ref.shape:
+        raise ValueError(f"angle_and_drift: weight has shape {tuple(weight.shape)} but ref has "
+                         f"shape {tuple(ref.shape)}")
+    cd = _compute_dtype(weight, ref)
+    t = weight.reshape(1, -1).to(cd)
+    r = ref.reshape(1, -1).to(device=weight.device, dtype=cd)
+    val, _, m0 = _one_minus_cos_rows(t, r, EPS)
+    angle = torch.rad2deg(2 * torch.asin((val[0] / 2).clamp(0, 1).sqrt()))
+    drift = torch.linalg.vector_norm(t - r) / m0[0]
+    return angle, drift
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA-factored form
+# ---------------------------------------------------------------------------------------------
+
+
+class _BaseProjection(torch.autograd.Function):
+    """`C[l] = W0_l · A[l]ᵀ` (L, d, r) and `n0[l] = ||W0_l rows||²` (L, d) for frozen bases W0_l.
+
+    The bases are constants; each is cast to the compute dtype one at a time, transiently, and
+    only the bases themselves (no copies) are kept for the backward `∇A[l] = ∇C[l]ᵀ · W0_l`.
+    Plain autograd would keep the fp32 cast of every bf16 base alive until backward. One matmul
+    per layer: W0·Aᵀ reads all of W0, so it is memory-bound and one launch per layer costs
+    nothing measurable, while stacking the bases for a bmm would copy them.
+    """
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, *bases: torch.Tensor):
+        Cs, n0s = [], []
+        for l, base in enumerate(bases):
+            w = base.to(A.dtype)                                # (d, k), a copy only if bf16
+            Cs.append(w @ A[l].T)                               # (d, r)
+            n0s.append(torch.linalg.vector_norm(w, dim=1).square())
+        ctx.save_for_backward(*bases)
+        n0 = torch.stack(n0s)
+        ctx.mark_non_differentiable(n0)
+        return torch.stack(Cs), n0
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_C: torch.Tensor, _grad_n0):
+        bases = ctx.saved_tensors
+        grad_A = torch.stack([grad_C[l].T @ base.to(grad_C.dtype) for l, base in enumerate(bases)])
+        return (grad_A, *([None] * len(bases)))
+
+
+def _lora_one_minus_cos(n0, c, q, s, eps: float) -> torch.Tensor:
+    """`1 − cos(W0 + s·BA, W0)` from `n0 = ||W0||²`, `c = <W0, BA>`, `q = ||BA||²` (elementwise).
+
+    Cancellation-free branch (both norms ≥ ε and `u ≥ 0`):
+        `s²·(n0·q − c²)₊ / (√(n0·v)·(√(n0·v) + u))`,  `u = n0 + s·c`, `v = n0 + 2s·c + s²·q`.
+    Otherwise (a norm below ε, or cos < 0 where `√(n0·v) + u` may vanish) the plain
+    `1 − u / (max(√n0, ε)·max(√v, ε))`, which has no cancellation there. Both branches get
+    safe denominators so that the unused one cannot put NaN into the gradient.
+    """
+    u = n0 + s * c
+    v = n0 + 2 * s * c + s * s * q
+    e2 = eps * eps
+    den = n0.clamp_min(e2).sqrt() * v.clamp_min(e2).sqrt()   # max(||W0||, ε)·max(||W||, ε)
+    den2 = den * (den + u.clamp_min(0))
+    stable = (n0 >= e2) & (v >= e2) & (u >= 0) & (den2 > 0)
+    one = torch.ones_like(den)
+    num = (s * s) * (n0 * q - c * c).clamp_min(0)
+    return torch.where(stable, num / torch.where(stable, den2, one),
+                       1 - u / torch.where(stable, one, den))
+
+
+def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype) -> torch.Tensor:
+    """Per-layer `1 − cos` (L,) for L layers of identical shapes, batched (method.md §1).
+
+    With `C = W0·Aᵀ` (d×r) and `G = A·Aᵀ` (r×r), row i has `c_i = Σ_j B_ij C_ij`,
+    `q_i = (B·G)_i · B_i`; the tensor values are the sums over rows (`Σ_i c_i = sum((BᵀW0)∘A)`,
+    `Σ_i q_i = sum((BᵀB)∘(AAᵀ))`). Memory beyond the inputs: O(L·r·(d + k)).
+    """
+    A = torch.stack([a.to(cd) for a in As])                     # (L, r, k)
+    B = torch.stack([b.to(cd) for b in Bs])                     # (L, d, r)
+    C, n0 = _BaseProjection.apply(A, *bases)                    # (L, d, r), (L, d)
+    G = A @ A.transpose(1, 2)                                   # (L, r, r)
+    c = (B * C).sum(-1)                                         # (L, d)
+    q = ((B @ G) * B).sum(-1)                                   # (L, d)
+    if len(set(scales)) == 1:
+        s = scales[0]                                           # the usual case: no tensor
+    else:
+        s = torch.tensor(scales, dtype=cd, device=A.device)[:, None]   # (L, 1)
+    if rows:
+        return _lora_one_minus_cos(n0, c, q, s, EPS).mean(-1)
+    s = s[:, 0] if isinstance(s, torch.Tensor) else s
+    return _lora_one_minus_cos(n0.sum(-1), c.sum(-1), q.sum(-1), s, EPS)
+
+
+def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row") -> torch.Tensor:
+    """The direction penalty of `W = W0 + s·B·A` against `W0`, without forming `B·A`.
+
+    Equal to `direction_penalty([W0 + s·B·A], [W0], granularity)` (to round-off), computed with
+    method.md's factored identities
+        `<W0, BA> = sum((BᵀW0)∘A)`, `||BA||² = sum((BᵀB)∘(AAᵀ))`,
+        `<W, W0> = n0 + s·c`, `||W||² = n0 + 2s·c + s²·q`   (per row for "row": C = W0·Aᵀ, G = AAᵀ)
+    and the cancellation-free `1 − cos = s²·(n0·q − c²)₊ / (√(n0·v)·(√(n0·v) + u))`.
+
+    base:   `W0` (d×k), frozen: a constant, never copied beyond a transient fp32 cast.
+    lora_A: `A` (r×k); lora_B: `B` (d×r); gradients flow to both by autograd.
+    scale:  `s` (a number).
+    Each of these may instead be a list (one entry per layer; `scale` a number or a list):
+    layers of equal shapes are stacked and computed with batched matmuls, and the result is
+    the mean over all layers. fp32 math (float64 if an input is float64). At `B = 0` value and
+    gradients are exactly zero.
+    """
+    fn = "lora_direction_penalty"
+    rows = _check_granularity(fn, granularity)
+    bases = _as_list(fn, "base", base)
+    As, Bs = _as_list(fn, "lora_A", lora_A), _as_list(fn, "lora_B", lora_B)
+    if not bases:
+        raise ValueError(f"{fn}: base is empty; give at least one layer")
+    if not (len(bases) == len(As) == len(Bs)):
+        raise ValueError(f"{fn}: got {len(bases)} bases, {len(As)} lora_A and {len(Bs)} lora_B; "
+                         "give one of each per layer")
+    if isinstance(scale, Sequence):
+        scales = list(scale)
+    elif isinstance(scale, torch.Tensor) and scale.dim() > 0:
+        scales = scale.tolist()
+    else:
+        scales = [scale] * len(bases)
+    if len(scales) != len(bases):
+        raise ValueError(f"{fn}: got {len(scales)} scales for {len(bases)} layers")
+    for i, (w, a, b, s) in enumerate(zip(bases, As, Bs, scales)):
+        for name, t in (("base", w), ("lora_A", a), ("lora_B", b)):
+            _check_floating(fn, name, i, t)
+        ok = w.dim() == 2 and a.dim() == 2 and b.dim() == 2
+        if not ok or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ValueError(
+                f"{fn}: layer {i}: base {tuple(w.shape)}, lora_A {tuple(a.shape)}, lora_B "
+                f"{tuple(b.shape)} do not fit; need base (d, k), lora_A (r, k), lora_B (d, r)")
+        s = float(s)
+        if not math.isfinite(s):
+            raise ValueError(f"{fn}: scale[{i}] = {s} is not a finite number")
+        scales[i] = s
+    cd = _compute_dtype(*bases, *As, *Bs)
+    # Group layers of identical shapes (and device) so that each group is one batched computation.
+    groups: dict[tuple, list[int]] = {}
+    for i, (w, a) in enumerate(zip(bases, As)):
+        groups.setdefault((tuple(w.shape), a.shape[0], w.device), []).append(i)
+    terms = [_lora_group([bases[i].detach() for i in idx], [As[i] for i in idx],
+                         [Bs[i] for i in idx], [scales[i] for i in idx], rows, cd)
+             for idx in groups.values()]
+    values = terms[0] if len(terms) == 1 else torch.cat(terms)
+    return values.mean()
