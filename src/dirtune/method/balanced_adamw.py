@@ -1,0 +1,473 @@
+"""BalancedAdamW: AdamW whose decay pulls toward an anchor with a balanced per-tensor strength,
+plus the decoupled weight direction turn (method.md §2 and §1 "decoupled").
+
+Laid out like torch.optim.AdamW: the class validates options and keeps state; `step` gathers
+parallel lists and calls the functional entry `balanced_adamw`, which dispatches to the readable
+`_single_tensor_balanced_adamw`, the `torch._foreach_*` `_multi_tensor_balanced_adamw` (same
+signature, same arithmetic) or, when asked, the fused kernel of `dirtune.method.fused`.
+The per-tensor scalars live in `update_rules`. Imports only torch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from dirtune.method.update_rules import (
+    ANCHORS,
+    BALANCES,
+    GRANULARITIES,
+    apply_turn,
+    balance_scales,
+    decay_coefficients,
+)
+
+__all__ = ["BalancedAdamW", "balanced_adamw"]
+
+# State tensors whose dtype is anchor_dtype, not the parameter's: load_state_dict must not cast them.
+_ANCHOR_KEYS = ("anchor", "reference")
+
+
+def _check_options(o: dict[str, Any]) -> None:
+    """The validation ladder: one ValueError per bad option, naming the value and what is accepted."""
+    lr, eps, betas, wd, dw = o["lr"], o["eps"], o["betas"], o["weight_decay"], o["direction_weight"]
+    if isinstance(lr, Tensor) or not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr!r}; expected a float >= 0")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps!r}; expected a float >= 0")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r}; expected two floats in [0, 1)")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]!r}; expected [0, 1)")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]!r}; expected [0, 1)")
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay value: {wd!r}; expected a float >= 0")
+    if o["anchor"] not in ANCHORS:
+        raise ValueError(f"Invalid anchor: {o['anchor']!r}; expected one of {ANCHORS}")
+    if o["balance"] not in BALANCES:
+        raise ValueError(f"Invalid balance: {o['balance']!r}; expected one of {BALANCES}")
+    if not 0.0 <= dw:
+        raise ValueError(f"Invalid direction_weight: {dw!r}; expected a float >= 0")
+    if o["granularity"] not in GRANULARITIES:
+        raise ValueError(f"Invalid granularity: {o['granularity']!r}; expected one of {GRANULARITIES}")
+    if o["anchor_dtype"] is not None and not (
+            isinstance(o["anchor_dtype"], torch.dtype) and o["anchor_dtype"].is_floating_point):
+        raise ValueError(f"Invalid anchor_dtype: {o['anchor_dtype']!r}; expected a floating torch.dtype or None")
+    if o["anchor_device"] not in (None, "cpu"):
+        raise ValueError(f"Invalid anchor_device: {o['anchor_device']!r}; expected None or 'cpu'")
+    if o["foreach"] and o["fused"]:
+        raise ValueError("Invalid foreach/fused: both True; pick one")
+
+
+def _normalise_device(device: Any) -> Any:
+    """torch.device("cpu") and "cpu" both mean the CPU; anything else is left for the ladder to refuse."""
+    if isinstance(device, torch.device) and device.type == "cpu" and device.index is None:
+        return "cpu"
+    return device
+
+
+def _home(p: Tensor, anchor_device: str | None) -> torch.device:
+    return torch.device("cpu") if anchor_device == "cpu" else p.device
+
+
+def _store(t: Tensor, p: Tensor, anchor_device: str | None, dtype: torch.dtype | None) -> Tensor:
+    """A private copy of t for the state, in `dtype` (None: p's dtype) at the anchor's home; CPU
+    copies of accelerator params are pinned so the per-step upload can be asynchronous."""
+    out = t.detach().to(device=_home(p, anchor_device), dtype=dtype or p.dtype, copy=True)
+    if anchor_device == "cpu" and p.device.type == "cuda":
+        out = out.pin_memory()
+    return out
+
+
+class BalancedAdamW(Optimizer):
+    r"""AdamW with balanced decay toward an anchor and an optional decoupled direction turn.
+
+    Algorithm (method.md symbols; every option may differ per parameter group)::
+
+        input  η (lr), β1, β2 (betas), ε (eps), λ (weight_decay), λ_dir (direction_weight),
+               anchor ∈ {init, zero, none}, balance ∈ {none, scale, selective}
+        at construction (for each θ_i of the group):
+            a_i  ← θ_i in anchor_dtype                          if anchor = init (the pretrained value)
+            θ0_i ← a_i, or a copy of θ_i in anchor_dtype         if λ_dir > 0 and θ_i is 2-D
+            b_i  ← s̄ / rms(a_i),  s̄ = mean_j rms(a_j)           if balance = scale
+                   (anchor = zero: rms(θ_i) stands for rms(a_i); tensors with rms 0 get b_i = 1)
+        for t = 1, 2, ...:
+            g_i ← ∇_θi L
+            if anchor ≠ none and λ ≠ 0:
+                if balance = selective:  b_i ← 1 if −<g_i, θ_i − a_i> < 0 else 0
+                k_i ← min(1, η·λ·b_i)                            (b_i = 1 for balance = none)
+                θ_i ← θ_i − k_i·(θ_i − a_i)                      (anchor = zero: θ_i ← (1 − k_i)·θ_i)
+            m_i ← β1·m_i + (1 − β1)·g_i
+            v_i ← β2·v_i + (1 − β2)·g_i²
+            m̂_i ← m_i / (1 − β1^t);   v̂_i ← v_i / (1 − β2^t)
+            θ_i ← θ_i − η·m̂_i / (√v̂_i + ε)
+            if λ_dir ≠ 0 and θ_i is 2-D:   (per output row, or per tensor: granularity)
+                u ← θ/||θ||,  u0 ← θ0/||θ0||,  c ← <u, u0>,  κ ← min(1, η·λ_dir)
+                θ ← θ + κ·||θ||·(u0 − c·u)                       (fp32; never turns past θ0)
+
+    The decay comes first and the Adam step second, as in torch.optim.AdamW, so anchor="zero",
+    balance="none" is torch's AdamW with the same λ (bitwise on the CPU), and λ = 0, λ_dir = 0 is
+    AdamW whatever the anchor and balance.
+
+    Args:
+        params: tensors or parameter groups (dicts), as for any torch optimizer.
+        lr: η. betas: (β1, β2). eps: ε. weight_decay: λ.
+        anchor: where the decay pulls: "init" (the value at construction: decoupled L2-SP),
+            "zero" (plain AdamW decay), "none" (no decay). Anchors are copied when the group is
+            added (construction or add_param_group), so give the optimizer the pretrained weights.
+            "init" stores one copy per tensor even while λ = 0, so a λ schedule can start at 0.
+            Zero-initialised adapters (LoRA's B) should use "zero".
+        balance: b_i: "none" (1), "scale" (s̄/rms(a_i), fixed at construction and carried in the
+            state so a resumed run is exact), "selective" (decay only when <g_i, θ_i − a_i> > 0).
+        direction_weight: λ_dir of the decoupled turn; 0 disables it. Needs λ_dir > 0 when the
+            group is added if anchor ≠ "init", because that is when the reference is copied.
+        anchor_dtype: dtype of anchors and references (None: the parameter's dtype).
+        foreach: True for torch._foreach_* kernels, False for the per-tensor loop, None for
+            foreach when every parameter is on CUDA.
+        anchor_device: None (beside each parameter) or "cpu": saves accelerator memory but
+            uploads every anchor each step (anchor_dtype bytes per element over PCIe, e.g.
+            2 bytes × 7e9 ≈ 14 GB ≈ 0.5 s per step for a 7B model in bf16).
+        granularity: "row" (one turn per output row) or "tensor".
+        fused: True runs dirtune.method.fused (a separate module that must be installed).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        anchor: str = "init",
+        balance: str = "scale",
+        direction_weight: float = 0.0,
+        anchor_dtype: torch.dtype | None = torch.bfloat16,
+        foreach: bool | None = None,
+        *,
+        anchor_device: str | None = None,
+        granularity: str = "row",
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, anchor=anchor, balance=balance,
+                        direction_weight=direction_weight, anchor_dtype=anchor_dtype,
+                        foreach=foreach, anchor_device=_normalise_device(anchor_device),
+                        granularity=granularity, fused=fused)
+        _check_options(defaults)
+        if fused:
+            _fused_impl()  # fail now, not at the first step, if the kernel module is missing
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate the group's options, then copy its anchors, references and balance scales."""
+        if "anchor_device" in param_group:
+            param_group["anchor_device"] = _normalise_device(param_group["anchor_device"])
+        _check_options({**self.defaults, **param_group})
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)  # a generator is read once
+        param_group["params"] = params
+        for p in params:
+            p = p[1] if isinstance(p, tuple) else p  # named parameters: (name, tensor)
+            if isinstance(p, Tensor) and torch.is_complex(p):
+                raise ValueError(f"Invalid parameter: complex dtype {p.dtype} is not supported")
+            if isinstance(p, Tensor) and not p.is_floating_point():
+                raise ValueError(f"Invalid parameter: dtype {p.dtype} is not floating point")
+        super().add_param_group(param_group)
+        self._snapshot(self.param_groups[-1])
+
+    @torch.no_grad()
+    def _snapshot(self, group: dict[str, Any]) -> None:
+        anchor, device, dtype = group["anchor"], group["anchor_device"], group["anchor_dtype"]
+        for p in group["params"]:
+            state = self.state[p]
+            if anchor == "init":
+                state["anchor"] = _store(p, p, device, dtype)
+            elif group["direction_weight"] > 0 and p.ndim == 2:
+                state["reference"] = _store(p, p, device, dtype)
+        if group["balance"] == "scale" and anchor != "none":
+            values = [self.state[p]["anchor"] if anchor == "init" else p for p in group["params"]]
+            for p, b in zip(group["params"], balance_scales(values), strict=True):
+                self.state[p]["balance"] = b
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("anchor_device", None)
+            group.setdefault("granularity", "row")
+            group.setdefault("fused", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like torch, but keep anchors and references in their own dtype and at their home.
+
+        Optimizer.load_state_dict casts floating state to the parameter's dtype (it calls
+        Optimizer._process_value_according_to_param_policy directly, so overriding that has no
+        effect); a post hook would be too late for anchors wider than the parameter. So they are
+        taken out before and put back after. Pre-hooks therefore see no anchors.
+        """
+        state_dict = state_dict.copy()
+        kept: dict[Any, dict[str, Tensor]] = {}
+        rest: dict[Any, Any] = {}
+        for pid, s in state_dict["state"].items():
+            kept[pid] = {k: v for k, v in s.items() if k in _ANCHOR_KEYS}
+            rest[pid] = {k: v for k, v in s.items() if k not in _ANCHOR_KEYS}
+        state_dict["state"] = rest
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        super().load_state_dict(state_dict)
+        owners = [(p, g) for g in self.param_groups for p in g["params"]]
+        for pid, (p, group) in zip(saved_ids, owners, strict=True):
+            for key, value in kept.get(pid, {}).items():
+                if value.shape != p.shape:
+                    raise ValueError(f"loaded state of parameter {pid}: {key} has shape "
+                                     f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+                self.state[p][key] = _store(value, p, group["anchor_device"], value.dtype)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        anchors: list[Tensor | None],
+        references: list[Tensor | None],
+        scales: list[float],
+    ) -> None:
+        """Append the group's parameters that have a gradient, and their state, to the lists."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError("Invalid gradient: sparse gradients are not supported by BalancedAdamW")
+            state = self.state[p]
+            if "step" not in state:  # lazy, like torch; the step counter stays on the host
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["anchor_device"] is None:  # anchors follow their parameter, e.g. after model.to("cuda")
+                for key in _ANCHOR_KEYS:
+                    if key in state and state[key].device != p.device:
+                        state[key] = state[key].to(p.device)
+            anchor = state.get("anchor")
+            if group["anchor"] == "init" and anchor is None:
+                raise ValueError("anchor='init' but this parameter has no anchor in the state "
+                                 "(was the state loaded from another optimizer?)")
+            reference = anchor if group["anchor"] == "init" else state.get("reference")
+            if group["direction_weight"] > 0 and p.ndim == 2 and reference is None:
+                raise ValueError(f"direction_weight={group['direction_weight']} with anchor="
+                                 f"{group['anchor']!r} needs a reference copied when the group is added; "
+                                 "set direction_weight > 0 at construction")
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+            anchors.append(anchor if group["anchor"] == "init" else None)
+            references.append(reference)
+            scales.append(state.get("balance", 1.0))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One optimisation step; `closure` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
+            self._init_group(group, *lists)
+            beta1, beta2 = group["betas"]
+            balanced_adamw(
+                *lists,
+                foreach=group["foreach"],
+                fused=group["fused"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                anchor=group["anchor"],
+                balance=group["balance"],
+                direction_weight=group["direction_weight"],
+                granularity=group["granularity"],
+            )
+        return loss
+
+
+def _fused_impl():
+    try:
+        from dirtune.method.fused import _fused_balanced_adamw
+    except ModuleNotFoundError as e:
+        if e.name != "dirtune.method.fused":
+            raise
+        raise ValueError("fused=True needs dirtune.method.fused, which this build does not have; "
+                         "use fused=None (foreach on CUDA) or foreach=True") from None
+    return _fused_balanced_adamw
+
+
+def balanced_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    references: list[Tensor | None],
+    scales: list[float],
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    anchor: str,
+    balance: str,
+    direction_weight: float,
+    granularity: str,
+) -> None:
+    """Functional BalancedAdamW: one step for parallel lists (see BalancedAdamW for the algorithm).
+
+    anchors[i] is a_i or None (anchor "zero"/"none"); references[i] is θ0_i or None; scales[i]
+    is b_i of balance "scale" (ignored otherwise). Anchors and references may live on the CPU and
+    in any floating dtype. foreach=None picks foreach when every parameter is on CUDA.
+    """
+    if fused:
+        func = _fused_impl()
+    else:
+        if foreach is None:
+            foreach = len(params) > 0 and all(p.device.type == "cuda" for p in params)
+        func = _multi_tensor_balanced_adamw if foreach else _single_tensor_balanced_adamw
+    func(params, grads, exp_avgs, exp_avg_sqs, state_steps, anchors, references, scales,
+         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, anchor=anchor,
+         balance=balance, direction_weight=direction_weight, granularity=granularity)
+
+
+def _beside(t: Tensor | None, p: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:
+    """t on p's device (an asynchronous upload for pinned CPU anchors), in `dtype` if given."""
+    if t is None:
+        return None
+    return t.to(device=p.device, dtype=dtype or t.dtype, non_blocking=True)
+
+
+def _scalars(k: Tensor) -> list:
+    """Host coefficients as Python floats (foreach ScalarList kernels; AdamW's exact arithmetic),
+    device ones (balance "selective") as 0-d tensors, which needs no host sync."""
+    return k.tolist() if k.device.type == "cpu" else list(k.unbind(0))
+
+
+def _single_tensor_balanced_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    references: list[Tensor | None],
+    scales: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    anchor: str,
+    balance: str,
+    direction_weight: float,
+    granularity: str,
+) -> None:
+    for i, param in enumerate(params):
+        grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        step_t += 1
+        # decay toward the anchor: θ ← θ − k·(θ − a), k = min(1, η·λ·b)
+        if weight_decay != 0 and anchor != "none":
+            a = _beside(anchors[i], param)
+            (k,) = _scalars(decay_coefficients([param], [grad], [a], [scales[i]], lr=lr,
+                                               weight_decay=weight_decay, balance=balance))
+            if a is None:
+                param.mul_(1 - k)
+            else:  # lerp lands exactly on a when k = 1
+                param.lerp_(a.to(param.dtype), k)
+        # Adam: moments, bias corrections, θ ← θ − η·m̂/(√v̂ + ε)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+        # decoupled direction turn toward θ0 (2-D weights only)
+        if direction_weight != 0 and param.ndim == 2:
+            apply_turn(param, _beside(references[i], param), strength=min(1.0, lr * direction_weight),
+                       granularity=granularity)
+
+
+def _group_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of params per (device, dtype): each foreach kernel needs one of each."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    return groups
+
+
+def _multi_tensor_balanced_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    references: list[Tensor | None],
+    scales: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    anchor: str,
+    balance: str,
+    direction_weight: float,
+    granularity: str,
+) -> None:
+    for (_, dtype), idx in _group_by_device_and_dtype(params).items():
+        ps = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        ms = [exp_avgs[i] for i in idx]
+        vs = [exp_avg_sqs[i] for i in idx]
+        steps = [state_steps[i] for i in idx]
+        torch._foreach_add_(steps, 1.0)
+        # decay toward the anchor, as in the single-tensor path
+        if weight_decay != 0 and anchor != "none":
+            anc = [_beside(anchors[i], params[i]) for i in idx]
+            ks = _scalars(decay_coefficients(ps, gs, anc, [scales[i] for i in idx], lr=lr,
+                                             weight_decay=weight_decay, balance=balance))
+            if anchor == "zero":
+                torch._foreach_mul_(ps, [1 - k for k in ks])
+            else:
+                torch._foreach_lerp_(ps, [a.to(dtype) for a in anc], ks)
+            del anc
+        # Adam
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+        bias_correction1 = [1 - beta1 ** s.item() for s in steps]
+        bias_correction2 = [1 - beta2 ** s.item() for s in steps]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [bc**0.5 for bc in bias_correction2])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, [-(lr / bc) for bc in bias_correction1])
+        del denom
+        # the turn needs per-row reductions, which have no foreach kernel: one tensor at a time
+        if direction_weight != 0:
+            for i in idx:
+                if params[i].ndim == 2:
+                    apply_turn(params[i], _beside(references[i], params[i]),
+                               strength=min(1.0, lr * direction_weight), granularity=granularity)
