@@ -83,6 +83,14 @@ def _rows_view(t: torch.Tensor, rows: bool) -> torch.Tensor:
     return t.reshape(1, -1)
 
 
+def _on_device(ref: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`ref` on `device`, in its own (storage) dtype so that a bf16 reference moves 2 bytes per
+    element; asynchronous only towards an accelerator, where the copy is ordered on its stream."""
+    if ref.device == device:
+        return ref
+    return ref.to(device, non_blocking=device.type != "cpu")
+
+
 def _one_minus_cos_rows(t: torch.Tensor, r: torch.Tensor, eps: float):
     """Per-row `1 − cos` of two (R, N) tensors in the compute dtype, cancellation-free.
 
@@ -114,7 +122,7 @@ class _DenseDirection(torch.autograd.Function):
     def forward(ctx, theta: torch.Tensor, ref: torch.Tensor, rows: bool, eps: float):
         cd = _compute_dtype(theta, ref)
         t = _rows_view(theta, rows).to(cd)
-        r = _rows_view(ref, rows).to(device=theta.device, dtype=cd)
+        r = _on_device(_rows_view(ref, rows), theta.device).to(cd)
         val, m, m0 = _one_minus_cos_rows(t, r, eps)
         ctx.save_for_backward(theta, ref, val, m, m0)
         ctx.rows, ctx.eps = rows, eps
@@ -128,7 +136,7 @@ class _DenseDirection(torch.autograd.Function):
             return None, None, None, None
         cd = val.dtype
         t = _rows_view(theta, ctx.rows).to(cd)
-        r = _rows_view(ref, ctx.rows).to(device=theta.device, dtype=cd)
+        r = _on_device(_rows_view(ref, ctx.rows), theta.device).to(cd)
         u = t / m[:, None]
         u0 = r / m0[:, None]
         # −(u0 − c·u) = (u − u0) − (1 − c)·u: no difference of two nearly equal numbers.
@@ -186,7 +194,7 @@ def angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
                          f"shape {tuple(ref.shape)}")
     cd = _compute_dtype(weight, ref)
     t = weight.reshape(1, -1).to(cd)
-    r = ref.reshape(1, -1).to(device=weight.device, dtype=cd)
+    r = _on_device(ref.reshape(1, -1), weight.device).to(cd)
     val, _, m0 = _one_minus_cos_rows(t, r, EPS)
     angle = torch.rad2deg(2 * torch.asin((val[0] / 2).clamp(0, 1).sqrt()))
     drift = torch.linalg.vector_norm(t - r) / m0[0]
