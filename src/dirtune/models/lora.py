@@ -1,0 +1,202 @@
+"""LoRA through PEFT, full fine-tuning setup, loading a trained model for inference, generation.
+
+PEFT does the adapting; this module adds what it lacks: a readable error when a target name
+matches nothing, LoRA+ parameter groups, and one loader for adapter and full checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from dirtune.models.errors import ModelError
+from dirtune.models.loading import load_model, load_tokenizer
+
+__all__ = [
+    "apply_lora",
+    "generate_text",
+    "linear_module_names",
+    "load_for_inference",
+    "lora_param_groups",
+    "merge_lora",
+    "prepare_full_finetune",
+]
+
+PathLike = Union[str, Path]
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Sorted distinct last name components of the model's nn.Linear modules (q_proj, lm_head, ...)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and name})
+
+
+def _matches(module_name: str, target: str) -> bool:
+    # PEFT's rule for a list of names: the full name, or its last dotted components
+    return module_name == target or module_name.endswith("." + target)
+
+
+def apply_lora(model: nn.Module, cfg_finetune):
+    """`model` wrapped as a peft PeftModel with LoRA (or DoRA) adapters on `cfg_finetune.lora_targets`.
+
+    Only the adapters are trainable; at initialisation B = 0, so the model computes exactly
+    what the base model does. ModelError if a target name matches no linear module.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(cfg_finetune.lora_targets)
+    if not targets:
+        raise ModelError("finetune.lora_targets: empty; name at least one linear module, "
+                         f"e.g. {', '.join(linear_module_names(model))}")
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    missing = [t for t in targets if not any(_matches(name, t) for name in linear)]
+    if missing:
+        raise ModelError(f"finetune.lora_targets: {', '.join(missing)} match no linear module; "
+                         f"the model's linear modules are {', '.join(linear_module_names(model))}")
+    lora_config = LoraConfig(
+        r=cfg_finetune.lora_r,
+        lora_alpha=cfg_finetune.lora_alpha,
+        lora_dropout=cfg_finetune.lora_dropout,
+        target_modules=targets,
+        use_dora=cfg_finetune.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def lora_param_groups(model: nn.Module, lr: float, weight_decay: float,
+                      loraplus_ratio: Optional[float] = None) -> list[dict]:
+    """Optimizer parameter groups for a LoRA model; LoRA+ gives B the learning rate lr * ratio.
+
+    Groups (empty ones left out), each with a 'name' key:
+      lora_A    every A matrix                        lr,          weight_decay
+      lora_B    every B matrix                        lr * ratio,  weight_decay   (ratio 1 if None)
+      no_decay  DoRA magnitudes and other 1-D tensors lr,          0  (a decayed gain shrinks the weight)
+      other     any other trainable tensor            lr,          weight_decay
+    """
+    ratio = 1.0 if loraplus_ratio is None else float(loraplus_ratio)
+    if ratio <= 0:
+        raise ModelError(f"finetune.loraplus_ratio: {loraplus_ratio!r} is not valid; expected a number > 0")
+    buckets: dict[str, list] = {"lora_A": [], "lora_B": [], "no_decay": [], "other": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_A." in name or ".lora_embedding_A." in name:
+            buckets["lora_A"].append(p)
+        elif ".lora_B." in name or ".lora_embedding_B." in name:
+            buckets["lora_B"].append(p)
+        elif "lora_magnitude_vector" in name or p.ndim < 2:
+            buckets["no_decay"].append(p)
+        else:
+            buckets["other"].append(p)
+    settings = {"lora_A": (lr, weight_decay), "lora_B": (lr * ratio, weight_decay),
+                "no_decay": (lr, 0.0), "other": (lr, weight_decay)}
+    return [{"name": k, "params": ps, "lr": settings[k][0], "weight_decay": settings[k][1]}
+            for k, ps in buckets.items() if ps]
+
+
+def merge_lora(model) -> nn.Module:
+    """The base model with the adapters folded into its weights (W0 + s·B·A), PEFT removed."""
+    if not hasattr(model, "merge_and_unload"):
+        raise ModelError(f"merge_lora: {type(model).__name__} has no LoRA adapters to merge")
+    return model.merge_and_unload()
+
+
+def prepare_full_finetune(model: nn.Module, train_embeddings: bool = False) -> nn.Module:
+    """Make every weight trainable except the input embeddings and lm_head (unless train_embeddings)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if not train_embeddings:
+        # tied embeddings are one tensor: freezing either freezes both
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None:
+                for p in emb.parameters():
+                    p.requires_grad_(False)
+    return model
+
+
+def _resolve_base(adapter_dir: Path, base: str) -> Path:
+    """The base model folder an adapter names: as written, else relative to the adapter folder."""
+    cand = Path(base).expanduser()
+    if cand.is_dir() or cand.is_absolute():
+        return cand
+    beside = adapter_dir / cand
+    return beside if beside.is_dir() else cand
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def load_for_inference(path: PathLike, *, base_path: Optional[PathLike] = None, dtype: str = "fp32",
+                       device: Optional[Union[str, torch.device]] = None,
+                       attn_implementation: str = "sdpa"):
+    """(model in eval mode, tokenizer) from a full/merged checkpoint folder or a PEFT adapter folder.
+
+    An adapter folder (adapter_config.json) is applied to its base model: `base_path`, else
+    the config's base_model_name_or_path (as written, else relative to the adapter folder).
+    The tokenizer comes from `path` when it holds one, else from the base model.
+    """
+    from dirtune.train.config import ModelConfig
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"{path}: model or adapter folder not found")
+    acfg = path / ADAPTER_CONFIG
+    if not acfg.is_file():
+        cfg = ModelConfig(path=str(path), dtype=dtype, attn_implementation=attn_implementation)
+        model = load_model(cfg, device=device)
+        tokenizer = load_tokenizer(path)
+    else:
+        from peft import PeftModel
+
+        if base_path is None:
+            try:
+                base_name = json.loads(acfg.read_text()).get("base_model_name_or_path")
+            except json.JSONDecodeError as e:
+                raise ModelError(f"{acfg}: not valid JSON (line {e.lineno}): {e.msg}") from None
+            if not base_name:
+                raise ModelError(f"{acfg}: no base_model_name_or_path; pass base_path")
+            base = _resolve_base(path, base_name)
+        else:
+            base = Path(base_path).expanduser()
+        if not base.is_dir():
+            raise ModelError(f"{acfg}: base model folder {base} not found; pass base_path")
+        cfg = ModelConfig(path=str(base), dtype=dtype, attn_implementation=attn_implementation)
+        model = PeftModel.from_pretrained(load_model(cfg), str(path))
+        if device is not None:
+            model = model.to(device)
+        tokenizer = load_tokenizer(path if _has_tokenizer(path) else base)
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
+                  greedy: bool = True, **generate_kwargs) -> str:
+    """The text the model continues `prompt` with (the prompt itself not repeated).
+
+    The prompt is tokenized as the tokenizer does (BOS first for LLaMA); `greedy=False`
+    samples, with any `generate` options (temperature, top_p, ...) passed through.
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                             pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+    finally:
+        model.train(was_training)
+    ids = out[0].tolist()
+    n = enc["input_ids"].shape[1]
+    # decode the whole and cut the prompt off: decoding only the new ids would lose the space
+    # SentencePiece keeps on the first of them
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    head = tokenizer.decode(ids[:n], skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(ids[n:], skip_special_tokens=True)
