@@ -1,6 +1,8 @@
-"""The per-tensor scalars of BalancedAdamW (method.md §1 decoupled, §2), apart from its bookkeeping.
+"""The update of BalancedAdamW (method.md §1 decoupled, §2), apart from the optimizer's bookkeeping.
 
-Three pure functions, shared by the single-tensor, multi-tensor and (later) fused paths:
+The functional step `balanced_adamw` and its two paths, `_single_tensor_balanced_adamw` (the
+readable reference) and `_multi_tensor_balanced_adamw` (torch._foreach_*), which share three
+pure functions with each other and with the fused path (dirtune.method.fused, same signature):
 
     balance_scales      b_i = s̄ / rms(a_i),  s̄ = mean_j rms(a_j)               (balance "scale")
     decay_coefficients  k_i = min(1, η·λ·b_i), one per tensor                    (before the Adam step)
@@ -12,6 +14,7 @@ and `apply_turn`, which applies the last one in place. Imports only torch.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 from torch import Tensor
@@ -127,3 +130,176 @@ def apply_turn(param: Tensor, reference: Tensor, *, strength: float, granularity
         param.mul_(alpha).addcmul_(w0, beta)
     else:  # bf16/fp16 weights: compute in fp32, round once
         param.copy_(param.to(alpha.dtype).mul_(alpha).addcmul_(w0, beta))
+
+
+def _fused_impl():
+    try:
+        from dirtune.method.fused import _fused_balanced_adamw
+    except ModuleNotFoundError as e:
+        if e.name != "dirtune.method.fused":
+            raise
+        raise ValueError("fused=True needs dirtune.method.fused, which this build does not have; "
+                         "use fused=None (foreach on CUDA) or foreach=True") from None
+    return _fused_balanced_adamw
+
+
+def balanced_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    references: list[Tensor | None],
+    scales: list[float],
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    anchor: str,
+    balance: str,
+    direction_weight: float,
+    granularity: str,
+) -> None:
+    """Functional BalancedAdamW: one step for parallel lists (see BalancedAdamW for the algorithm).
+
+    anchors[i] is a_i or None (anchor "zero"/"none"); references[i] is θ0_i or None; scales[i]
+    is b_i of balance "scale" (ignored otherwise). Anchors and references may live on the CPU and
+    in any floating dtype. foreach=None picks foreach when every parameter is on CUDA.
+    """
+    if fused:
+        func = _fused_impl()
+    else:
+        if foreach is None:
+            foreach = len(params) > 0 and all(p.device.type == "cuda" for p in params)
+        func = _multi_tensor_balanced_adamw if foreach else _single_tensor_balanced_adamw
+    func(params, grads, exp_avgs, exp_avg_sqs, state_steps, anchors, references, scales,
+         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, anchor=anchor,
+         balance=balance, direction_weight=direction_weight, granularity=granularity)
+
+
+def _beside(t: Tensor | None, p: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:
+    """t on p's device (an asynchronous upload for pinned CPU anchors), in `dtype` if given."""
+    if t is None:
+        return None
+    return t.to(device=p.device, dtype=dtype or t.dtype, non_blocking=True)
+
+
+def _scalars(k: Tensor) -> list:
+    """Host coefficients as Python floats (foreach ScalarList kernels; AdamW's exact arithmetic),
+    device ones (balance "selective") as 0-d tensors, which needs no host sync."""
+    return k.tolist() if k.device.type == "cpu" else list(k.unbind(0))
+
+
+def _single_tensor_balanced_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    references: list[Tensor | None],
+    scales: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    anchor: str,
+    balance: str,
+    direction_weight: float,
+    granularity: str,
+) -> None:
+    for i, param in enumerate(params):
+        grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        step_t += 1
+        # decay toward the anchor: θ ← θ − k·(θ − a), k = min(1, η·λ·b)
+        if weight_decay != 0 and anchor != "none":
+            a = _beside(anchors[i], param)
+            (k,) = _scalars(decay_coefficients([param], [grad], [a], [scales[i]], lr=lr,
+                                               weight_decay=weight_decay, balance=balance))
+            if a is None:
+                param.mul_(1 - k)
+            else:  # lerp lands exactly on a when k = 1
+                param.lerp_(a.to(param.dtype), k)
+        # Adam: moments, bias corrections, θ ← θ − η·m̂/(√v̂ + ε)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+        # decoupled direction turn toward θ0 (2-D weights only)
+        if direction_weight != 0 and param.ndim == 2:
+            apply_turn(param, _beside(references[i], param), strength=min(1.0, lr * direction_weight),
+                       granularity=granularity)
+
+
+def _group_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of params per (device, dtype): each foreach kernel needs one of each."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    return groups
+
+
+def _multi_tensor_balanced_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    references: list[Tensor | None],
+    scales: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    anchor: str,
+    balance: str,
+    direction_weight: float,
+    granularity: str,
+) -> None:
+    for (_, dtype), idx in _group_by_device_and_dtype(params).items():
+        ps = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        ms = [exp_avgs[i] for i in idx]
+        vs = [exp_avg_sqs[i] for i in idx]
+        steps = [state_steps[i] for i in idx]
+        torch._foreach_add_(steps, 1.0)
+        # decay toward the anchor, as in the single-tensor path
+        if weight_decay != 0 and anchor != "none":
+            anc = [_beside(anchors[i], params[i]) for i in idx]
+            ks = _scalars(decay_coefficients(ps, gs, anc, [scales[i] for i in idx], lr=lr,
+                                             weight_decay=weight_decay, balance=balance))
+            if anchor == "zero":
+                torch._foreach_mul_(ps, [1 - k for k in ks])
+            else:
+                torch._foreach_lerp_(ps, [a.to(dtype) for a in anc], ks)
+            del anc
+        # Adam
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+        bias_correction1 = [1 - beta1 ** s.item() for s in steps]
+        bias_correction2 = [1 - beta2 ** s.item() for s in steps]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [bc**0.5 for bc in bias_correction2])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, [-(lr / bc) for bc in bias_correction1])
+        del denom
+        # the turn needs per-row reductions, which have no foreach kernel: one tensor at a time
+        if direction_weight != 0:
+            for i in idx:
+                if params[i].ndim == 2:
+                    apply_turn(params[i], _beside(references[i], params[i]),
+                               strength=min(1.0, lr * direction_weight), granularity=granularity)
