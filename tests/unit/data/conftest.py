@@ -56,3 +56,9 @@ def sp_tok(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok512")
     shutil.copy(model, folder / "tokenizer.model")
     return LlamaTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def make_tok():
+    """make_word_tokenizer(chat_template=None): for tests that need another chat template."""
+    return make_word_tokenizer
