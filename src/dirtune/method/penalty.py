@@ -91,20 +91,21 @@ def _on_device(ref: torch.Tensor, device: torch.device) -> torch.Tensor:
     return ref.to(device, non_blocking=device.type != "cpu")
 
 
-def _one_minus_cos_rows(t: torch.Tensor, r: torch.Tensor, eps: float):
-    """Per-row `1 − cos` of two (R, N) tensors in the compute dtype, cancellation-free.
+def _one_minus_cos_rows(t: torch.Tensor, r: torch.Tensor, cd: torch.dtype, eps: float):
+    """Per-row `1 − cos` of two (R, N) tensors, cancellation-free, computed in `cd`.
 
     Returns (val (R,), m (R,), m0 (R,)) with `m = max(||t_r||, ε)`, `m0 = max(||r_r||, ε)`.
     `val = ||u − u0||²/2 + (1 − ||u||²)/2 + (1 − ||u0||²)/2` with `u = t/m`, `u0 = r/m0`, which is
     `1 − <t, r>/(m·m0)` exactly; the two corrections are exactly 0 unless a norm is below ε
     (then `n/m` is not 1), so near `cos ≈ 1` only `||u − u0||²/2` is computed.
+    The inputs are never cast as a whole: bf16 × fp32 row factors promote to fp32 per element.
     """
-    n = torch.linalg.vector_norm(t, dim=1)
-    n0 = torch.linalg.vector_norm(r, dim=1)
+    n = torch.linalg.vector_norm(t, dim=1, dtype=cd)
+    n0 = torch.linalg.vector_norm(r, dim=1, dtype=cd)
     m, m0 = n.clamp_min(eps), n0.clamp_min(eps)
-    d = t / m[:, None]
-    d.sub_(r / m0[:, None])                                  # u − u0, (R, N)
-    val = 0.5 * torch.linalg.vector_norm(d, dim=1).square()
+    d = t * (1 / m)[:, None]                                 # u, (R, N) in cd
+    d.sub_(r * (1 / m0)[:, None])                            # u − u0 (two roundings, no FMA:
+    val = 0.5 * torch.linalg.vector_norm(d, dim=1).square()  #  exactly 0 when t == r)
     val = val + 0.5 * (1 - (n / m).square()) + 0.5 * (1 - (n0 / m0).square())
     return val, m, m0
 
@@ -112,18 +113,17 @@ def _one_minus_cos_rows(t: torch.Tensor, r: torch.Tensor, eps: float):
 class _DenseDirection(torch.autograd.Function):
     """`mean_rows(1 − cos(θ_r, θ0_r))` of one tensor with the closed-form gradient.
 
-    Saves θ and θ0 as given (no copies: both are alive anyway) and three per-row vectors; the
-    fp32 unit vectors are recomputed in backward instead of kept between forward and backward.
-    θ0 is a constant (it gets no gradient) and may live on another device (e.g. the CPU): it
-    is moved to θ's device for the forward and again for the backward, transiently.
+    Saves θ and θ0 as given (no copies: both are alive anyway) and three per-row vectors, so no
+    (R, N) intermediate is kept between forward and backward. θ0 is a constant (no gradient)
+    and may live on another device (e.g. the CPU): it is moved to θ's device for the forward
+    and again for the backward, transiently.
     """
 
     @staticmethod
     def forward(ctx, theta: torch.Tensor, ref: torch.Tensor, rows: bool, eps: float):
         cd = _compute_dtype(theta, ref)
-        t = _rows_view(theta, rows).to(cd)
-        r = _on_device(_rows_view(ref, rows), theta.device).to(cd)
-        val, m, m0 = _one_minus_cos_rows(t, r, eps)
+        r = _on_device(_rows_view(ref, rows), theta.device)
+        val, m, m0 = _one_minus_cos_rows(_rows_view(theta, rows), r, cd, eps)
         ctx.save_for_backward(theta, ref, val, m, m0)
         ctx.rows, ctx.eps = rows, eps
         return val.mean()
@@ -134,17 +134,18 @@ class _DenseDirection(torch.autograd.Function):
         theta, ref, val, m, m0 = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        cd = val.dtype
-        t = _rows_view(theta, ctx.rows).to(cd)
-        r = _on_device(_rows_view(ref, ctx.rows), theta.device).to(cd)
-        u = t / m[:, None]
-        u0 = r / m0[:, None]
-        # −(u0 − c·u) = (u − u0) − (1 − c)·u: no difference of two nearly equal numbers.
-        g = (u - u0).sub_(val[:, None] * u)
-        # Below ε the norm is the constant ε, so there the gradient is −u0/ε (finite).
-        # (m > ε: the norm was not clamped; m == ε: it was at or below ε.)
-        g = torch.where((m > ctx.eps)[:, None], g, -u0)
-        g.mul_((grad_out / (val.numel() * m))[:, None])      # mean over rows, 1/||θ_r||
+        t = _rows_view(theta, ctx.rows)
+        r = _on_device(_rows_view(ref, ctx.rows), theta.device)
+        # ∇ = −(u0 − c·u)/m per row, times grad_out/R (mean over R rows), written as two row
+        # scalings of θ and θ0:  ∇ = θ·(c/m²)·k − θ0·(1/(m·m0))·k,  k = grad_out/R.
+        # c = 1 − val: its rounding (~1e-7 absolute) is that of u itself, so nothing is lost.
+        # Below ε the norm is the constant ε and the θ term vanishes (∇ = −u0/ε, finite);
+        # m > ε: the norm was not clamped, m == ε: it was at or below ε.
+        k = grad_out / val.numel()
+        a = torch.where(m > ctx.eps, (1 - val) / (m * m), torch.zeros_like(m)) * k
+        b = k / (m * m0)
+        g = t * a[:, None]
+        g.sub_(r * b[:, None])
         return g.reshape(theta.shape).to(theta.dtype), None, None, None
 
 
@@ -193,11 +194,11 @@ def angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
         raise ValueError(f"angle_and_drift: weight has shape {tuple(weight.shape)} but ref has "
                          f"shape {tuple(ref.shape)}")
     cd = _compute_dtype(weight, ref)
-    t = weight.reshape(1, -1).to(cd)
-    r = _on_device(ref.reshape(1, -1), weight.device).to(cd)
-    val, _, m0 = _one_minus_cos_rows(t, r, EPS)
+    t = weight.reshape(1, -1)
+    r = _on_device(ref.reshape(1, -1), weight.device)
+    val, _, m0 = _one_minus_cos_rows(t, r, cd, EPS)
     angle = torch.rad2deg(2 * torch.asin((val[0] / 2).clamp(0, 1).sqrt()))
-    drift = torch.linalg.vector_norm(t - r) / m0[0]
+    drift = torch.linalg.vector_norm(t.to(cd) - r.to(cd)) / m0[0]
     return angle, drift
 
 
