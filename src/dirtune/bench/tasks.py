@@ -90,6 +90,32 @@ def gold_text(record: dict) -> str:
     raise ValueError(f"record has neither 'answer' nor 'output': keys {sorted(record)}")
 
 
+def training_prompt(template: str, tokenizer: Any) -> Callable[[dict], str]:
+    """prompt_fn that renders a record's prompt as training rendered it (dirtune.data's
+    templates, `template` = the run's data.template), up to where the response starts.
+
+    The leading BOS is left to the tokenizer, which adds it when the prompt is encoded."""
+    from dirtune.data.records import Alpaca
+    from dirtune.data.templates import render, resolve_template
+
+    chosen = resolve_template("alpaca", template, tokenizer)
+
+    def prompt_fn(record: dict) -> str:
+        if "instruction" in record:
+            ex = Alpaca(record["instruction"], record.get("input") or "", gold_text(record), 0)
+        else:  # GSM8K: the question is the instruction, as dirtune.data reads it
+            ex = Alpaca(prompt_text(record), "", gold_text(record), 0)
+        text = ""
+        for seg in render(ex, chosen, tokenizer):
+            if seg.labelled:
+                break
+            text += seg.text  # special segments ('bos') carry no text
+        bos = getattr(tokenizer, "bos_token", None)
+        return text[len(bos):] if bos and text.startswith(bos) else text
+
+    return prompt_fn
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int) -> list[str]:
     """Greedy continuations of `prompts` (new text only), batched with left padding."""

@@ -1,0 +1,313 @@
+"""run_bench: the grid of runs behind a bench file, then the report.
+
+    phase 1  every (pair, method) x lrs x tune_seeds          -> chosen lr per (pair, method)
+             (lowest mean best validation loss over the tune seeds; ties -> smaller lr)
+    phase 2  every (pair, method) at its chosen lr x seeds    -> curves, losses, metric
+             (a tune run with the same lr and seed is reused, not redone)
+    report   target T per pair from the baseline's phase-2 curves, steps to T, speedups
+
+Runs go to <out>/runs/<pair>/<method>/lr<lr>_s<seed>/ and are made by the training entry
+(`dirtune.train.runner:run_training`) in worker processes; the bench only reads their folders.
+A run whose summary.json exists is not redone (resume). A failed run leaves error.txt and the
+bench goes on. Each worker holds one device of `devices` (round-robin over workers) for life.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import multiprocessing
+import subprocess
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dirtune.bench import metrics
+from dirtune.bench.config import BenchConfig, run_config
+
+DEFAULT_ENTRY = "dirtune.train.runner:run_training"
+
+
+# ---------------------------------------------------------------- one run (worker side)
+
+_WORKER_DEVICE: Optional[str] = None
+
+
+def _init_worker(devices: Any) -> None:
+    """Pool initializer: take this worker's device from the shared queue, once."""
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = devices.get()
+
+
+def _entry(entry: str) -> Callable:
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def execute(job: dict, device: Optional[str] = None) -> dict:
+    """Train one run (unless finished) and compute its metric (unless done); never raises.
+
+    Returns {"run_dir", "ok", "error"}; on failure the traceback is also in run_dir/error.txt.
+    """
+    device = device or _WORKER_DEVICE or "auto"
+    run = Path(job["run_dir"])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "error.txt").unlink(missing_ok=True)
+    try:
+        cfg = job["config"]
+        if hasattr(cfg.train, "device"):
+            cfg.train.device = device
+        if not (job["resume"] and (run / "summary.json").is_file()):
+            (run / "metric.json").unlink(missing_ok=True)
+            _entry(job["entry"])(cfg)
+            if not (run / "summary.json").is_file():
+                raise RuntimeError("the training entry returned but wrote no summary.json "
+                                   "(interrupted, or stopped on a non-finite loss)")
+        if job["metric"] and not (run / "metric.json").is_file():
+            _write_metric(run, job["metric"], cfg, device)
+        return {"run_dir": str(run), "ok": True, "error": None}
+    except BaseException as e:  # noqa: BLE001 - one failed run must not stop the bench
+        text = traceback.format_exc()
+        (run / "error.txt").write_text(text, encoding="utf-8")
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return {"run_dir": str(run), "ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def _write_metric(run: Path, spec: dict, cfg: Any, device: str) -> None:
+    """Greedy-generation metric on the run's best checkpoint -> run/metric.json."""
+    import torch
+
+    from dirtune.bench import tasks
+
+    summary = json.loads((run / "summary.json").read_text())
+    ckpt = summary.get("best_checkpoint")
+    if not ckpt or not Path(ckpt).is_dir():
+        raise FileNotFoundError(f"{run}: no best checkpoint to compute {spec['name']} on ({ckpt!r})")
+    # after run_training narrowed the visible GPUs, "cuda" is this worker's GPU
+    dev = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
+    model, tokenizer = tasks.load_checkpoint(ckpt, dev)
+    records = tasks.load_records(spec["file"], spec["samples"])
+    try:
+        prompt_fn = tasks.training_prompt(cfg.data.template, tokenizer)
+    except ImportError:
+        prompt_fn = tasks.prompt_text
+    res = tasks.evaluate_generation(model, tokenizer, records, prompt_fn, spec["max_new_tokens"],
+                                    spec["batch_size"], answer_fn=tasks.METRICS[spec["name"]])
+    out = {"metric": spec["name"], "value": res["exact_match"], "n": res["n"],
+           "checkpoint": ckpt, "file": spec["file"], "samples": res["samples"][:20]}
+    (run / "metric.json").write_text(json.dumps(out, indent=2))
+
+
+# ---------------------------------------------------------------- reading run folders
+
+def run_path(out_dir: str | Path, pair: str, method: str, lr: float, seed: int) -> Path:
+    return Path(out_dir) / "runs" / pair / method / f"lr{lr:g}_s{seed}"
+
+
+def read_run(run: str | Path) -> dict:
+    """What the bench uses of a run folder: eval curve, forget and angle curves, summary,
+    metric value, error text. A run without summary.json has summary None (failed)."""
+    run = Path(run)
+    evals: dict[int, dict] = {}
+    angle: dict[int, float] = {}
+    log = run / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if r.get("kind") == "eval" and "eval_loss" in r:
+                evals[int(r["step"])] = r  # a resumed run may repeat a step: keep the last
+            elif r.get("kind") == "train" and "angle/mean" in r:
+                angle[int(r["step"])] = float(r["angle/mean"])
+
+    def load(name: str) -> Any:
+        p = run / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    metric = load("metric.json")
+    err = run / "error.txt"
+    return {
+        "dir": str(run),
+        "curve": [(s, _num(evals[s]["eval_loss"])) for s in sorted(evals)],
+        "forget_curve": [(s, _num(evals[s]["forget_loss"])) for s in sorted(evals)
+                         if "forget_loss" in evals[s]],
+        "angle": sorted(angle.items()),
+        "summary": load("summary.json"),
+        "metric": metric["value"] if metric else None,
+        "error": err.read_text(encoding="utf-8").strip().splitlines()[-1] if err.is_file() else None,
+    }
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+# ---------------------------------------------------------------- the grid
+
+class _Runner:
+    """Executes batches of jobs in-process (jobs=0) or in a spawn pool, with one tqdm bar."""
+
+    def __init__(self, cfg: BenchConfig, total: int):
+        from tqdm.auto import tqdm
+
+        self.cfg = cfg
+        self.bar = tqdm(total=total, desc=f"bench {cfg.name}", unit="run", dynamic_ncols=True)
+        self.pool = None
+        if cfg.jobs > 0:
+            ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+            queue = ctx.Queue()
+            for i in range(cfg.jobs):
+                queue.put(cfg.devices[i % len(cfg.devices)])
+            self.pool = ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(queue,))
+        self.failed: list[dict] = []
+
+    def skip(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def run(self, jobs: list[dict]) -> None:
+        if self.pool is None:
+            for job in jobs:
+                self._done(execute(job, self.cfg.devices[0]))
+            return
+        futures = {self.pool.submit(execute, job): job for job in jobs}
+        for fut in as_completed(futures):
+            try:
+                self._done(fut.result())
+            except Exception as e:  # the worker process died (out of memory, segfault)
+                run = Path(futures[fut]["run_dir"])
+                run.mkdir(parents=True, exist_ok=True)
+                (run / "error.txt").write_text(f"worker process failed: {type(e).__name__}: {e}\n")
+                self._done({"run_dir": str(run), "ok": False, "error": f"{type(e).__name__}: {e}"})
+
+    def _done(self, res: dict) -> None:
+        if not res["ok"]:
+            self.failed.append(res)
+            self.bar.write(f"run failed: {res['run_dir']}: {res['error']}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _finished(run: Path, metric: Optional[dict]) -> bool:
+    return (run / "summary.json").is_file() and (not metric or (run / "metric.json").is_file())
+
+
+def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool = True, *,
+              entry: str = DEFAULT_ENTRY) -> dict:
+    """Run the bench (phase 1, phase 2), write out_dir/{bench.yaml, commit.txt, report.md,
+    summary.json, *.png}, and return the results (the input of report.write_report).
+
+    `entry` ("module:function") is the training entry the workers call; tests point it at a fake.
+    `resume`: keep runs that already finished; False redoes every run once.
+    """
+    from dirtune.bench.report import write_report
+
+    out = Path(out_dir or cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.output_dir = str(out)
+    cfg.dump(out / "bench.yaml")
+    (out / "commit.txt").write_text(_commit())
+    pairs = {p.name: p for p in cfg.pairs}
+    redone: set[Path] = set()  # runs made during this call: phase 2 reuses them even if not resume
+
+    def job(pair, method, lr, seed, metric=None) -> dict:
+        run = run_path(out, pair.name, method.name, lr, seed)
+        return {"run_dir": str(run), "entry": entry, "metric": metric,
+                "resume": resume or run in redone,
+                "config": run_config(cfg, pair, method, lr, seed, run, "auto")}
+
+    def submit(runner: _Runner, jobs: list[dict]) -> None:
+        todo = [j for j in jobs if not (j["resume"] and _finished(Path(j["run_dir"]), j["metric"]))]
+        runner.skip(len(jobs) - len(todo))
+        runner.run(todo)
+        redone.update(Path(j["run_dir"]) for j in todo)
+
+    n_tune = len(cfg.pairs) * len(cfg.methods) * len(cfg.lrs) * len(cfg.tune_seeds)
+    runner = _Runner(cfg, n_tune + len(cfg.pairs) * len(cfg.methods) * len(cfg.seeds))
+    try:
+        submit(runner, [job(p, m, lr, s) for p in cfg.pairs for m in cfg.methods
+                        for lr in cfg.lrs for s in cfg.tune_seeds])
+        tuning = {(p.name, m.name): _tune(out, p.name, m.name, cfg) for p in cfg.pairs for m in cfg.methods}
+        final = []
+        for p in cfg.pairs:
+            for m in cfg.methods:
+                lr = tuning[p.name, m.name]["chosen_lr"]
+                if lr is None:
+                    runner.skip(len(cfg.seeds))  # tuning failed: nothing to run
+                    continue
+                final += [job(p, m, lr, s, _metric_spec(p, cfg, m)) for s in cfg.seeds]
+        submit(runner, final)
+    finally:
+        runner.close()
+
+    results = {"bench": _bench_info(cfg), "pairs": {}}
+    for name, p in pairs.items():
+        methods = {}
+        for m in cfg.methods:
+            t = tuning[name, m.name]
+            lr = t["chosen_lr"]
+            runs = {s: read_run(run_path(out, name, m.name, lr, s)) for s in cfg.seeds} if lr else {}
+            methods[m.name] = {**t, "runs": runs}
+        results["pairs"][name] = {"metric": p.metric, "methods": methods,
+                                  "analysis": metrics.analyse_pair(methods, cfg.baseline)}
+    write_report(out, results)
+    return results
+
+
+def _tune(out: Path, pair: str, method: str, cfg: BenchConfig) -> dict:
+    """Phase-1 scores per lr (mean best validation loss over the tune seeds; None if any tune
+    run failed or diverged) and the chosen lr (None if no lr has a score)."""
+    rows = []
+    for lr in cfg.lrs:
+        bests = {}
+        for s in cfg.tune_seeds:
+            summary = read_run(run_path(out, pair, method, lr, s))["summary"]
+            b = summary.get("best_eval_loss") if summary else None
+            bests[s] = b if b is not None and math.isfinite(b) else None
+        ok = all(b is not None for b in bests.values())
+        rows.append({"lr": lr, "best_loss": bests,
+                     "score": sum(bests.values()) / len(bests) if ok else None})
+    try:
+        chosen = metrics.choose_lr({r["lr"]: r["score"] for r in rows})
+    except ValueError:
+        chosen = None
+    return {"tuning": rows, "chosen_lr": chosen}
+
+
+def _metric_spec(pair, cfg: BenchConfig, method) -> Optional[dict]:
+    if pair.metric == "none":
+        return None
+    file = pair.metric_file or run_config(cfg, pair, method, cfg.lrs[0], 0, "x", "auto").data.test_file
+    return {"name": pair.metric, "file": str(file), "samples": pair.metric_samples,
+            "max_new_tokens": pair.metric_max_new_tokens, "batch_size": pair.metric_batch_size}
+
+
+def _bench_info(cfg: BenchConfig) -> dict:
+    probe = run_config(cfg, cfg.pairs[0], cfg.methods[0], cfg.lrs[0], cfg.seeds[0], "x", "auto")
+    return {"name": cfg.name, "baseline": cfg.baseline, "lrs": list(cfg.lrs),
+            "tune_seeds": list(cfg.tune_seeds), "seeds": list(cfg.seeds),
+            "max_steps": probe.train.max_steps, "eval_every": probe.train.eval_every,
+            "methods": {m.name: list(m.overrides) for m in cfg.methods},
+            "pairs": {p.name: list(p.overrides) for p in cfg.pairs}}
+
+
+def _commit() -> str:
+    """git commit of the dirtune source tree and whether it had uncommitted changes."""
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+    except (OSError, subprocess.CalledProcessError):
+        return "commit: unknown (not a git checkout)\n"
+    return f"commit: {head}\ndirty: {str(dirty).lower()}\n"
