@@ -148,7 +148,7 @@ def write_checkpoint(out_dir: PathLike, config, names_shapes: Iterable[tuple[str
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config.dtype = dtype
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = config.architectures or ["LlamaForCausalLM"]
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
     return out
