@@ -32,26 +32,30 @@ __all__ = ["BalancedAdamW", "balanced_adamw"]
 _ANCHOR_KEYS = ("anchor", "reference")
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_options(o: dict[str, Any]) -> None:
     """The validation ladder: one ValueError per bad option, naming the value and what is accepted."""
     lr, eps, betas, wd, dw = o["lr"], o["eps"], o["betas"], o["weight_decay"], o["direction_weight"]
-    if isinstance(lr, Tensor) or not 0.0 <= lr:
+    if not (_number(lr) and 0.0 <= lr):
         raise ValueError(f"Invalid learning rate: {lr!r}; expected a float >= 0")
-    if not 0.0 <= eps:
+    if not (_number(eps) and 0.0 <= eps):
         raise ValueError(f"Invalid epsilon value: {eps!r}; expected a float >= 0")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_number, betas))):
         raise ValueError(f"Invalid betas: {betas!r}; expected two floats in [0, 1)")
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]!r}; expected [0, 1)")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]!r}; expected [0, 1)")
-    if not 0.0 <= wd:
+    if not (_number(wd) and 0.0 <= wd):
         raise ValueError(f"Invalid weight_decay value: {wd!r}; expected a float >= 0")
     if o["anchor"] not in ANCHORS:
         raise ValueError(f"Invalid anchor: {o['anchor']!r}; expected one of {ANCHORS}")
     if o["balance"] not in BALANCES:
         raise ValueError(f"Invalid balance: {o['balance']!r}; expected one of {BALANCES}")
-    if not 0.0 <= dw:
+    if not (_number(dw) and 0.0 <= dw):
         raise ValueError(f"Invalid direction_weight: {dw!r}; expected a float >= 0")
     if o["granularity"] not in GRANULARITIES:
         raise ValueError(f"Invalid granularity: {o['granularity']!r}; expected one of {GRANULARITIES}")

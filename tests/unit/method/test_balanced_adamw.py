@@ -346,6 +346,8 @@ def test_load_keeps_anchors_wider_than_the_parameter():
 INVALID = [
     (dict(lr=-1e-3), "learning rate", "-0.001"),
     (dict(lr=float("nan")), "learning rate", "nan"),
+    (dict(lr="1e-3"), "learning rate", "'1e-3'"),
+    (dict(lr=torch.tensor(1e-3)), "learning rate", "tensor"),
     (dict(eps=-1.0), "epsilon", "-1.0"),
     (dict(betas=(1.0, 0.999)), "beta parameter at index 0", "1.0"),
     (dict(betas=(0.9, -0.1)), "beta parameter at index 1", "-0.1"),
@@ -354,6 +356,7 @@ INVALID = [
     (dict(anchor="pretrained"), "anchor", "'pretrained'"),
     (dict(balance="rms"), "balance", "'rms'"),
     (dict(direction_weight=-1.0), "direction_weight", "-1.0"),
+    (dict(direction_weight=None), "direction_weight", "None"),
     (dict(anchor_dtype=torch.int8), "anchor_dtype", "torch.int8"),
     (dict(anchor_dtype="bf16"), "anchor_dtype", "'bf16'"),
     (dict(granularity="column"), "granularity", "'column'"),
