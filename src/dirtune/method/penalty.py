@@ -18,7 +18,9 @@ The arithmetic is fp32 whatever the weights' dtype (float64 when an input is flo
 `eps`: a norm below `EPS` is replaced by `EPS`, i.e. `cos(a, b) = <a, b> / (max(||a||, ε)·
 max(||b||, ε))`. This differs from method.md's `||a||·||b|| + ε` only for norms near ε, and it
 keeps unit vectors exactly of length one whenever the norm exceeds ε, which the cancellation-free
-identities need. A zero row (or tensor) thus has `cos = 0` and a penalty of 1, never NaN.
+identities need. A zero row (or tensor) thus has `cos = 0` and a penalty of 1, never NaN;
+the gradient at a zero row of θ is the exact one of this definition, `−u0/ε` (finite, large:
+it pushes a collapsed row back out along θ0; trained weights never sit exactly at zero).
 
 Imports only torch (house rule: the method does not know about transformers or peft).
 """
