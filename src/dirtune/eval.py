@@ -17,12 +17,13 @@ def evaluate_loss(checkpoint: str, data_file: str, *, max_length: int = 512, bat
     """Mean loss over every labelled token of `data_file` (all records: no split), and exp of it."""
     model, tokenizer = load_for_inference(checkpoint, base=base)
     model.eval()
-    data = build_datasets(DataConfig(train_file=data_file, valid_ratio=0.0, format=format,
-                                     max_length=max_length), tokenizer).train
+    bundle = build_datasets(DataConfig(train_file=data_file, valid_ratio=0.0, format=format,
+                                       max_length=max_length), tokenizer)
+    data = bundle.train
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(data), batch_size):
-        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))], tokenizer.pad_token_id)
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))], bundle.pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]  # token t predicts t+1

@@ -25,15 +25,20 @@ class EvalRecorder(TrainerCallback):
         self.log = log
         self.target_loss = target_loss
         self.target_step: int | None = None
+        self._forget: dict[int, float] = {}
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # Trainer evaluates a dict of datasets one at a time, in order: the runner puts
+        # "forget" before "valid" so that one line can carry both.
         metrics = metrics or {}
-        loss = metrics.get("eval_valid_loss", metrics.get("eval_loss"))
+        if "eval_forget_loss" in metrics:
+            self._forget[state.global_step] = metrics["eval_forget_loss"]
+        loss = metrics.get("eval_valid_loss")
         if loss is None:
             return
         record = {"kind": "eval", "step": state.global_step, "eval_loss": loss}
-        if "eval_forget_loss" in metrics:
-            record["forget_loss"] = metrics["eval_forget_loss"]
+        if state.global_step in self._forget:
+            record["forget_loss"] = self._forget.pop(state.global_step)
         self.log.write(record)
         if self.target_loss is not None and self.target_step is None and loss <= self.target_loss:
             self.target_step = state.global_step
@@ -55,7 +60,7 @@ class DriftMeter(TrainerCallback):
 
     def _collect(self) -> None:
         stats = self.measure()
-        angles = {f"angle/{k}": v["angle"] for k, v in stats.items()}
+        angles = {f"angle/{k}": v["angle_deg"] for k, v in stats.items()}
         drifts = {f"drift/{k}": v["drift"] for k, v in stats.items()}
         if angles:
             angles["angle/mean"] = sum(angles.values()) / len(angles)

@@ -97,7 +97,6 @@ def training_arguments(cfg: Config, out: Path, resuming: bool, has_valid: bool) 
         greater_is_better=False,
         load_best_model_at_end=has_valid,
         report_to=[r for r in t.report_to if r != "none"] or "none",
-        logging_dir=str(out / "tb"),
         disable_tqdm=True,
         dataloader_num_workers=t.num_workers,
         remove_unused_columns=False,
@@ -126,15 +125,17 @@ def run_training(cfg: Config) -> dict:
     log = run_folder.MetricsLog(out / "metrics.jsonl", resume_step)
     extra: dict = {}
     evals = {}
+    if data.forget is not None and data.valid is not None:
+        evals["forget"] = data.forget  # first: EvalRecorder writes one line when "valid" arrives
     if data.valid is not None:
         evals["valid"] = data.valid
-    if data.forget is not None:
-        evals["forget"] = data.forget
+    # transformers 5 takes the TensorBoard folder from the environment only
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
     args = training_arguments(cfg, out, resume_ckpt is not None, bool(evals))
     recorder = EvalRecorder(log, cfg.train.target_loss)
     trainer = DirtuneTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=evals or None,
-        data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id), processing_class=tokenizer,
+        data_collator=functools.partial(collate, pad_id=data.pad_id), processing_class=tokenizer,
         dirtune_cfg=cfg, penalty=penalty if cfg.method.penalty == "coupled" else None,
         metrics_log=log, extra_logs=extra,
     )
