@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -179,20 +178,74 @@ def load_sentencepiece(model_file: PathLike):
                          "LLaMA 3's tiktoken tokenizer.model is not supported") from None
 
 
-def _tokenizer_from_sentencepiece(model_file: Path):
-    """A fast tokenizer built from a SentencePiece .model, encoding like SentencePiece plus BOS."""
-    from transformers import AutoTokenizer
+def _spm_proto(model_file: Path):
+    """The parsed ModelProto of a SentencePiece file (vocabulary, scores, normalizer spec)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:  # older sentencepiece wheels: transformers ships the same schema
+        from transformers.utils import sentencepiece_model_pb2_new as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    return proto
 
-    load_sentencepiece(model_file)
-    # transformers converts only a file named tokenizer.model in a folder; copy it to one
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copyfile(model_file, Path(tmp) / SPM_FILE)
-        # the generic backend follows the .model's own normalizer spec, so ids equal
-        # SentencePieceProcessor.encode; LLaMA prepends BOS, which it does not by default
-        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, add_bos_token=True,
-                                            add_eos_token=False)
-    tok.name_or_path = str(model_file)  # not the temporary folder
-    return tok
+
+def _tokenizer_from_sentencepiece(model_file: Path):
+    """A fast tokenizer whose ids equal SentencePieceProcessor.encode, with BOS prepended.
+
+    Built here rather than by transformers' own conversion, which differs between transformers
+    5 releases (one splits words SentencePiece keeps whole). SentencePiece BPE merges, at each
+    step, the adjacent pair whose merged piece has the highest score; a `tokenizers` BPE whose
+    merges are ranked by that score (ties: lower id first) merges the same way.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    load_sentencepiece(model_file)  # a readable error for files that are not SentencePiece
+    proto = _spm_proto(model_file)
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    if trainer.model_type != 2:  # 1 unigram, 2 bpe, 3 word, 4 char
+        raise ModelError(f"{model_file}: SentencePiece model type {trainer.model_type} is not supported; "
+                         "only BPE (type 2, as LLaMA's tokenizers are)")
+    NORMAL, USER_DEFINED = 1, 4
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == NORMAL}
+    ranked = sorted((-score, i, piece[:k], piece[k:]) for piece, (score, i) in normal.items()
+                    for k in range(1, len(piece)) if piece[:k] in normal and piece[k:] in normal)
+    unk = trainer.unk_piece or "<unk>"
+    tok = Tokenizer(BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked], unk_token=unk,
+                        fuse_unk=True, byte_fallback=trainer.byte_fallback))
+    # SentencePiece's normalisation, in its order: character map, extra spaces, dummy prefix, "▁"
+    steps = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend(" "))  # Prepend leaves an empty text empty, as SentencePiece
+    if norm.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    dec = [decoders.Replace("▁", " ")] + ([decoders.ByteFallback()] if trainer.byte_fallback else [])
+    dec.append(decoders.Fuse())
+    if norm.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(dec)
+    user = [AddedToken(p.piece, normalized=False, special=False)
+            for p in proto.pieces if p.type == USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+
+    def piece(i: int):
+        return proto.pieces[i].piece if 0 <= i < len(proto.pieces) else None
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token=piece(trainer.unk_id), bos_token=piece(trainer.bos_id),
+        eos_token=piece(trainer.eos_id), pad_token=piece(trainer.pad_id),
+        add_bos_token=trainer.bos_id >= 0, add_eos_token=False, clean_up_tokenization_spaces=False,
+    )
+    fast.name_or_path = str(model_file)
+    return fast
 
 
 def load_tokenizer(path: PathLike):

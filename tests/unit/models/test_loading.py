@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -164,3 +165,23 @@ def test_count_parameters_counts_tied_once_and_trainable():
     assert counts == {"total": sum(unique.values()), "trainable": sum(unique.values())}
     model.get_input_embeddings().weight.requires_grad_(False)
     assert count_parameters(model)["trainable"] == counts["total"] - 320 * 32
+
+
+SHARED = Path(__file__).resolve().parents[3].parent / "shared"
+PARITY_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello\n\nworld  two  spaces", " leading space",
+                "trailing  ", "émoji 🙂 ü 12345 日本語", "", "   ", "x" * 40, "Tab\there, \u00a0nbsp"]
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tok512.model"])
+def test_real_llama_tokenizers_encode_like_sentencepiece(name, tmp_path):
+    model_file = SHARED / "bench" / name
+    if not model_file.is_file():
+        pytest.skip(f"{model_file} is absent")
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    save_tokenizer_from_sentencepiece(model_file, tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    assert len(tok) == sp.get_piece_size()
+    for text in PARITY_TEXTS:
+        ids = tok(text).input_ids
+        assert ids == [sp.bos_id()] + sp.encode(text), text
+        assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:]), text
