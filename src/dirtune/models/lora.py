@@ -133,12 +133,12 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def load_for_inference(path: PathLike, *, base_path: Optional[PathLike] = None, dtype: str = "fp32",
+def load_for_inference(path: PathLike, *, base: Optional[PathLike] = None, dtype: str = "fp32",
                        device: Optional[Union[str, torch.device]] = None,
                        attn_implementation: str = "sdpa"):
     """(model in eval mode, tokenizer) from a full/merged checkpoint folder or a PEFT adapter folder.
 
-    An adapter folder (adapter_config.json) is applied to its base model: `base_path`, else
+    An adapter folder (adapter_config.json) is applied to its base model: `base`, else
     the config's base_model_name_or_path (as written, else relative to the adapter folder).
     The tokenizer comes from `path` when it holds one, else from the base model.
     """
@@ -155,18 +155,18 @@ def load_for_inference(path: PathLike, *, base_path: Optional[PathLike] = None, 
     else:
         from peft import PeftModel
 
-        if base_path is None:
+        if base is None:
             try:
                 base_name = json.loads(acfg.read_text()).get("base_model_name_or_path")
             except json.JSONDecodeError as e:
                 raise ModelError(f"{acfg}: not valid JSON (line {e.lineno}): {e.msg}") from None
             if not base_name:
-                raise ModelError(f"{acfg}: no base_model_name_or_path; pass base_path")
+                raise ModelError(f"{acfg}: no base_model_name_or_path; pass the base model folder")
             base = _resolve_base(path, base_name)
         else:
-            base = Path(base_path).expanduser()
+            base = Path(base).expanduser()
         if not base.is_dir():
-            raise ModelError(f"{acfg}: base model folder {base} not found; pass base_path")
+            raise ModelError(f"{acfg}: base model folder {base} not found; pass the base model folder")
         cfg = ModelConfig(path=str(base), dtype=dtype, attn_implementation=attn_implementation)
         model = PeftModel.from_pretrained(load_model(cfg), str(path))
         if device is not None:

@@ -126,9 +126,9 @@ def test_load_for_inference_adapter_and_merged_agree(base_dir, tmp_path):
 
     moved = tmp_path / "moved_base"
     base_dir.rename(moved)
-    with pytest.raises(ModelError, match="base model folder .* not found; pass base_path"):
+    with pytest.raises(ModelError, match="base model folder .* not found; pass the base model folder"):
         load_for_inference(adapter)
-    b_model, _ = load_for_inference(adapter, base_path=moved)
+    b_model, _ = load_for_inference(adapter, base=moved)
     with torch.no_grad():
         torch.testing.assert_close(b_model(IDS).logits, m_model(IDS).logits, rtol=0, atol=1e-5)
 
