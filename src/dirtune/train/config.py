@@ -110,6 +110,8 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear warmup steps (overrides warmup_ratio when > 0)")
     warmup_ratio: float = _f(0.0, "warmup as a share of max_steps")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0 disables")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f(
+        "no", "autocast compute dtype over model.dtype weights (fp32 weights + bf16 = classic AMP); GPU only")
     eval_every: int = _f(50, "validation every k steps (and at step 0)")
     target_loss: Optional[float] = _f(None, "stop at the first evaluation with loss <= this")
     save_every: int = _f(0, "checkpoint every k steps; 0 = only at evaluations that improve")
