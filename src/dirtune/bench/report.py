@@ -90,6 +90,9 @@ def _pair_section(name: str, pair: dict, bench: dict) -> list[str]:
         lr = r["chosen_lr"]
         if lr is not None and len(bench["lrs"]) > 1 and lr in (min(bench["lrs"]), max(bench["lrs"])):
             notes.append(f"{m}: the chosen lr {lr:g} is at the edge of the grid; a wider grid may do better.")
+        for row in r["tuning"]:
+            for s, err in (row.get("errors") or {}).items():
+                notes.append(f"{m} tuning run lr {row['lr']:g} seed {s} failed: {err}")
         for s, run in r["runs"].items():
             if run["summary"] is None:
                 notes.append(f"{m} seed {s} failed: {run['error'] or 'no summary.json'} ({run['dir']})")

@@ -24,7 +24,8 @@ def _run(curve, seed, forget_end=2.2, angle=True, metric=None):
 def _results(angle=True, metric="none"):
     methods = {
         "adamw": {"chosen_lr": 1e-3, "tuning": [{"lr": 1e-3, "best_loss": {0: 1.5}, "score": 1.5},
-                                                 {"lr": 3e-3, "best_loss": {0: None}, "score": None}],
+                                                 {"lr": 3e-3, "best_loss": {0: None}, "score": None,
+                                                  "errors": {0: "ValueError: nan loss"}}],
                   "runs": {s: _run(BASE, s, angle=angle, metric=0.25) for s in (0, 1, 2)}},
         "anchored": {"chosen_lr": 3e-3,
                      "tuning": [{"lr": 1e-3, "best_loss": {0: 1.5}, "score": 1.5},
@@ -59,6 +60,7 @@ def test_report_tables_hold_the_expected_numbers(tmp_path):
     assert "+0.0500" in rows["anchored"] and "+0.2000" in rows["adamw"]
     assert "| 1.3000 | 1.3500 |" in rows["anchored"]  # final val loss, test loss medians
     assert "slow seed 2 failed: RuntimeError: boom" in md
+    assert "adamw tuning run lr 0.003 seed 0 failed: ValueError: nan loss" in md
     assert "**1.3000**" in md  # the chosen lr's score in the sweep table
     assert "at the edge of the grid" in md
     for name in ("val_loss_p.png", "angle_p.png", "tradeoff_p.png"):

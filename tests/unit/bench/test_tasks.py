@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dirtune.bench.tasks import (
-    evaluate_generation, exact_match, gsm8k_answer, load_records, prompt_text,
+    evaluate_generation, exact_match, gsm8k_answer, load_records, prompt_text, training_prompt,
 )
 
 
@@ -84,3 +84,12 @@ def test_batched_generation_equals_one_by_one():
     assert [s["generation"] for s in batched["samples"]] == [s["generation"] for s in single["samples"]]
     assert batched["n"] == 3 and [s["gold"] for s in batched["samples"]] == ["1", "2", "3"]
     assert tok.padding_side == "right"  # restored
+
+
+def test_training_prompt_renders_as_training_does_up_to_the_response():
+    synthetic = pytest.importorskip("dirtune.data.synthetic")
+    tok = synthetic.char_tokenizer()
+    gsm = {"question": "How many?", "answer": "#### 3"}
+    assert training_prompt("auto", tok)(gsm) == "[INST] How many? [/INST]"
+    plain = training_prompt("plain", tok)({"instruction": "Do", "input": "x", "output": "o"})
+    assert plain == "### Instruction:\nDo\n\n### Input:\nx\n\n### Response:\n"
