@@ -33,14 +33,21 @@ DEFAULT_ENTRY = "dirtune.train.runner:run_training"
 
 # ---------------------------------------------------------------- one run (worker side)
 
-_WORKER_DEVICE: Optional[str] = None
+_WORKER_DEVICE: Optional[str] = None  # what the worker passes to training: cpu, cuda, auto
+_WORKER_DEVICE_NAME: Optional[str] = None  # as the bench file names it, e.g. cuda:3
 
 
 def _init_worker(devices: Any, threads: int) -> None:
     """Pool initializer (before torch is imported): take this worker's device from the shared
     queue, once, and share the CPU cores between the workers."""
-    global _WORKER_DEVICE
-    _WORKER_DEVICE = devices.get()
+    global _WORKER_DEVICE, _WORKER_DEVICE_NAME
+    device = _WORKER_DEVICE = _WORKER_DEVICE_NAME = devices.get()
+    if device.startswith("cuda:"):
+        # this worker sees only its GPU, as "cuda", for training and for the metric alike
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        index = int(device.split(":", 1)[1])
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
+        _WORKER_DEVICE = "cuda"
     # torch starts one thread per core in every process: 2 workers on 2 cores ran 20x slower
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
@@ -62,6 +69,8 @@ def execute(job: dict, device: Optional[str] = None) -> dict:
     run = Path(job["run_dir"])
     run.mkdir(parents=True, exist_ok=True)
     (run / "error.txt").unlink(missing_ok=True)
+    (run / "bench_run.json").write_text(json.dumps(
+        {k: job[k] for k in ("pair", "method", "lr", "seed")} | {"device": _WORKER_DEVICE_NAME or device}))
     try:
         cfg = job["config"]
         if hasattr(cfg.train, "device"):
@@ -93,7 +102,7 @@ def _write_metric(run: Path, spec: dict, cfg: Any, device: str) -> None:
     ckpt = summary.get("best_checkpoint")
     if not ckpt or not Path(ckpt).is_dir():
         raise FileNotFoundError(f"{run}: no best checkpoint to compute {spec['name']} on ({ckpt!r})")
-    # after run_training narrowed the visible GPUs, "cuda" is this worker's GPU
+    # a pool worker sees only its own GPU; in-process, run_training narrowed the visible ones
     dev = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
     model, tokenizer = tasks.load_checkpoint(ckpt, dev)
     records = tasks.load_records(spec["file"], spec["samples"])
@@ -229,7 +238,8 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool 
 
     def job(pair, method, lr, seed, metric=None) -> dict:
         run = run_path(out, pair.name, method.name, lr, seed)
-        return {"run_dir": str(run), "entry": entry, "metric": metric,
+        return {"run_dir": str(run), "entry": entry, "metric": metric, "pair": pair.name,
+                "method": method.name, "lr": lr, "seed": seed,
                 "resume": resume or run in redone,
                 "config": run_config(cfg, pair, method, lr, seed, run, "auto")}
 

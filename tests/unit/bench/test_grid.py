@@ -139,3 +139,25 @@ def test_pool_of_spawned_workers_gives_the_same_result(bench, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["pairs"]["p1"]["methods"]["fast"]["speedup"]["median"] == pytest.approx(2.0)
     assert res["pairs"]["p1"]["methods"]["broken"]["chosen_lr"] is None
+
+
+@pytest.mark.parametrize("visible, device, seen", [("2,3", "cuda:1", "3"), (None, "cuda:1", "1")])
+def test_worker_takes_one_device_and_sees_only_its_gpu(monkeypatch, visible, device, seen):
+    import os
+    import queue
+
+    from dirtune.bench import grid
+
+    for var in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                "HF_HUB_DISABLE_PROGRESS_BARS"):  # touched first so that monkeypatch restores them
+        monkeypatch.delenv(var, raising=False)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(grid, "_WORKER_DEVICE", None)
+    monkeypatch.setattr(grid, "_WORKER_DEVICE_NAME", None)
+    q = queue.Queue()
+    q.put(device)
+    grid._init_worker(q, 3)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == seen
+    assert grid._WORKER_DEVICE == "cuda" and grid._WORKER_DEVICE_NAME == device
+    assert os.environ["OMP_NUM_THREADS"] == "3"
