@@ -172,8 +172,10 @@ def run_config(cfg: BenchConfig, pair: PairSpec, method: MethodSpec, lr: float, 
     data: dict = {}
     if cfg.base:
         data = yaml.safe_load(Path(cfg.base).read_text(encoding="utf-8")) or {}
+    # resume/overwrite: the bench decides per run (grid.execute) whether to continue or restart
     owned = [f"optimizer.lr={lr!r}", f"train.seed={seed}", f"train.output_dir={output_dir}",
-             "train.target_loss=null", "train.progress=false"]
+             "train.target_loss=null", "train.progress=false", "train.resume=null",
+             "train.overwrite=true"]
     if cfg.max_steps is not None:
         owned.append(f"train.max_steps={cfg.max_steps}")
     if cfg.eval_every is not None:

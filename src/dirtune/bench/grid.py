@@ -8,8 +8,9 @@
 
 Runs go to <out>/runs/<pair>/<method>/lr<lr>_s<seed>/ and are made by the training entry
 (`dirtune.train.runner:run_training`) in worker processes; the bench only reads their folders.
-A run whose summary.json exists is not redone (resume). A failed run leaves error.txt and the
-bench goes on. Each worker holds one device of `devices` (round-robin over workers) for life.
+A run whose summary.json exists is not redone, and an unfinished one continues from its newest
+checkpoint (resume; this assumes the bench file did not change: after changing it, use a new
+output folder or --fresh). A failed run leaves error.txt and the bench goes on. Each worker holds one device of `devices` (round-robin over workers) for life.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def execute(job: dict, device: Optional[str] = None) -> dict:
             cfg.train.device = device
         if not (job["resume"] and (run / "summary.json").is_file()):
             (run / "metric.json").unlink(missing_ok=True)
+            # an unfinished run continues from its newest checkpoint (or restarts if it has none)
+            cfg.train.resume = "auto" if job["resume"] else None
             _entry(job["entry"])(cfg)
             if not (run / "summary.json").is_file():
                 raise RuntimeError("the training entry returned but wrote no summary.json "
@@ -210,8 +213,10 @@ class _Runner:
 
     def close(self) -> None:
         self.bar.close()
+        if self.failed:
+            print(f"{len(self.failed)} run(s) failed; each left error.txt in its folder")
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _finished(run: Path, metric: Optional[dict]) -> bool:

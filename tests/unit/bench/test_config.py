@@ -47,7 +47,7 @@ def test_run_config_layers_overrides_and_owned_keys(tmp_path):
     assert run.train.max_steps == 40 and run.train.eval_every == 50  # bench budget, base interval
     assert run.train.batch_size == 2 and run.data.valid_file == "valid.jsonl"
     assert run.train.output_dir == str(tmp_path / "r") and run.train.device == "cpu"
-    assert run.train.target_loss is None
+    assert run.train.target_loss is None and run.train.overwrite and run.train.resume is None
 
 
 @pytest.mark.parametrize("bench, message", [

@@ -28,7 +28,7 @@ FAKE = textwrap.dedent('''
         out = Path(cfg.train.output_dir)
         root = out.parents[3]
         with open(root / "calls.txt", "a") as f:
-            f.write(str(out.relative_to(root)) + " " + cfg.train.device + "\\n")
+            f.write(f"{out.relative_to(root)} {cfg.train.device} {cfg.train.resume}\\n")
         method = "adamw" if cfg.optimizer.name == "adamw" else (
             "broken" if cfg.method.penalty == "coupled" else "fast")
         if method == "broken":
@@ -85,7 +85,7 @@ def test_phases_choose_lr_reuse_tune_run_and_measure_speedup(bench, tmp_path):
     res = run_bench(bench(), out, entry="fake_dirtune_train:run_training")
     calls = _calls(out)
     # phase 1: 3 methods x 2 lrs x 1 seed = 6; phase 2: adamw and fast x seeds 1, 2 (seed 0 reused)
-    assert len(calls) == 6 + 4 and all(c.endswith(" cpu") for c in calls)
+    assert len(calls) == 6 + 4 and all(c.endswith(" cpu auto") for c in calls)
     assert len(set(calls)) == len(calls)
     m = res["pairs"]["p1"]["methods"]
     assert m["adamw"]["chosen_lr"] == 1e-3 and m["fast"]["chosen_lr"] == 3e-3
@@ -115,6 +115,7 @@ def test_resume_redoes_only_failed_runs_and_fresh_redoes_each_once(bench, tmp_pa
     run_bench(bench(), out, resume=False, entry="fake_dirtune_train:run_training")
     fresh = _calls(out)
     assert len(fresh) == 10 and len(set(fresh)) == 10
+    assert all(c.endswith(" None") for c in fresh)  # --fresh: no resuming from checkpoints
 
 
 def test_read_run_skips_torn_lines_and_keeps_last_of_a_repeated_step(tmp_path):
