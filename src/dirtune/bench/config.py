@@ -7,7 +7,8 @@ value and what is accepted). Every run of the bench is the base train YAML plus,
 bench `overrides`, the pair's, the method's, and then the keys the bench owns (learning rate,
 seed, step budget, evaluation interval, run folder, device). Those owned keys may not appear in
 any overrides list: one grid and one budget for every method is what makes the comparison fair
-(method.md §3).
+(method.md §3). `base` is relative to the bench file; paths inside overrides and metric_file
+are read by the runs, relative to the working directory (as for `dirtune train`).
 """
 
 from __future__ import annotations
