@@ -11,11 +11,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from dirtune.train.faults import NonFiniteError  # noqa: F401  (raised here; re-exported for dirtune.errors)
 from dirtune.train.run_folder import MetricsLog
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or gradient under train.nan_policy=stop."""
 
 
 class EvalRecorder(TrainerCallback):

@@ -11,6 +11,7 @@ from transformers import Trainer
 
 from dirtune.method.balanced_adamw import BalancedAdamW
 from dirtune.train.config import Config
+from dirtune.train.faults import AtomicCheckpoints
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,9 +78,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
                          granularity=cfg.method.granularity, anchor_device=device, foreach=opt.foreach)
 
 
-class DirtuneTrainer(Trainer):
+class DirtuneTrainer(AtomicCheckpoints, Trainer):
     """Adds `penalty()` (a DirectionPenalty, already multiplied by lambda_dir) to the task loss and
-    logs the task loss, the penalty and any drift metrics separately."""
+    logs the task loss, the penalty and any drift metrics separately. Checkpoints are written
+    atomically (faults.AtomicCheckpoints)."""
 
     def __init__(self, *args, dirtune_cfg: Config, penalty=None, metrics_log=None, extra_logs=None, **kwargs):
         super().__init__(*args, **kwargs)
