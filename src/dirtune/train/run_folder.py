@@ -7,7 +7,9 @@ Layout of `train.output_dir`:
     summary.json     the run's outcome (written last: its presence means the run finished)
     loss.png         curves, rewritten at the end of every run
     tb/              TensorBoard events
-    checkpoint-N/    transformers checkpoints (model or adapter, optimizer, scheduler, RNG, trainer state)
+    checkpoint-N/    transformers checkpoints (model or adapter, optimizer, scheduler, RNG, trainer state),
+                     each written atomically (faults.py)
+    final/           the model the run hands over (the best checkpoint's if validated, else the last)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+from dirtune.train import faults
 from dirtune.train.config import Config, ConfigError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -45,39 +48,57 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and (any((out / m).exists() for m in RUN_MARKERS) or bool(list(out.glob("checkpoint-*"))))
 
 
-def prepare(cfg: Config) -> tuple[Path, Path | None]:
-    """Create/validate the output folder; return (folder, checkpoint to resume from or None).
+def resolve(cfg: Config) -> tuple[Path, Path | None]:
+    """Check the output folder and choose the checkpoint to resume from (or None); write nothing.
 
     A folder that already holds a run is refused unless resuming or `train.overwrite` is set,
-    so that nothing already written is lost by a typo in output_dir.
+    so that nothing already written is lost by a typo in output_dir. `resume=auto` takes the
+    newest complete checkpoint, skipping (with a warning) any that is truncated or corrupt.
     """
     out = Path(cfg.train.output_dir)
     resume = cfg.train.resume
     if resume:
         if resume == "auto":
-            ckpts = checkpoints(out)
-            ckpt = ckpts[-1] if ckpts else None
+            ckpt = faults.latest_good_checkpoint(out)
             if ckpt is None and holds_run(out) and not cfg.train.overwrite:
                 raise ConfigError(f"train.resume=auto: {out} holds a run but no complete checkpoint to resume from; "
                                   "set train.overwrite=true to start again")
         else:
             ckpt = Path(resume)
-            if not (ckpt / "trainer_state.json").is_file():
-                raise ConfigError(f"train.resume: {ckpt} is not a checkpoint folder (no trainer_state.json)")
+            problem = faults.checkpoint_problem(ckpt)
+            if problem is not None:
+                good = faults.latest_good_checkpoint(ckpt.parent) if ckpt.parent.is_dir() else None
+                hint = f"; the newest complete checkpoint beside it is {good}" if good else ""
+                raise ConfigError(f"train.resume: {ckpt} cannot be resumed: {problem}{hint}")
         if ckpt is not None:
-            out.mkdir(parents=True, exist_ok=True)
             return out, ckpt
-    if holds_run(out):
-        if not cfg.train.overwrite:
-            raise ConfigError(f"train.output_dir: {out} already holds a run; choose another folder, "
-                              "resume it (train.resume=auto) or replace it (train.overwrite=true)")
-        for p in out.glob("checkpoint-*"):
+    if holds_run(out) and not cfg.train.overwrite:
+        raise ConfigError(f"train.output_dir: {out} already holds a run; choose another folder, "
+                          "resume it (train.resume=auto) or replace it (train.overwrite=true)")
+    return out, None
+
+
+def claim(out: Path, resume_ckpt: Path | None) -> None:
+    """Make `out` ready to write, once the model and data have loaded: clear a replaced run
+    (resolve() allowed it), or move aside damaged checkpoints newer than the resumed one."""
+    if resume_ckpt is None and holds_run(out):
+        for p in [*out.glob("checkpoint-*"), *out.glob(faults.CORRUPT_PREFIX + "checkpoint-*")]:
             shutil.rmtree(p, ignore_errors=True)
         for name in (*RUN_MARKERS, "loss.png"):
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "tb", ignore_errors=True)
+        for name in ("tb", "final"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    elif resume_ckpt is not None and resume_ckpt.parent.resolve() == out.resolve():
+        faults.set_aside_corrupt(out, faults.step_of(resume_ckpt))
     out.mkdir(parents=True, exist_ok=True)
-    return out, None
+    faults.remove_leftovers(out)
+
+
+def prepare(cfg: Config) -> tuple[Path, Path | None]:
+    """resolve() then claim(): the folder and the checkpoint to resume from (or None)."""
+    out, ckpt = resolve(cfg)
+    claim(out, ckpt)
+    return out, ckpt
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:

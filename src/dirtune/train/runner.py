@@ -1,6 +1,7 @@
 """`run_training(cfg)`: the one training entry the CLI, the demo and the bench all call.
 
-config -> run folder -> model (+LoRA) and data -> DirtuneTrainer with callbacks -> summary.json
+config -> run folder checked -> model (+LoRA) and data -> run folder claimed -> DirtuneTrainer
+with callbacks -> final/ and summary.json
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from dirtune.models.lora import apply_lora, prepare_full_finetune
 from dirtune.train import run_folder
 from dirtune.train.callbacks import DriftMeter, EvalRecorder, FaultGuard, Progress
 from dirtune.train.config import Config
+from dirtune.train.faults import save_model_atomically
 from dirtune.train.plots import plot_run
 from dirtune.train.trainer import DTYPES, DirtuneTrainer
 
@@ -59,7 +62,9 @@ def build_model(cfg: Config, tokenizer=None):
 def build_penalty(model, cfg: Config):
     """The coupled penalty (weight lambda_dir), or a weight-0 instance used only to measure drift."""
     coupled = cfg.method.penalty == "coupled"
-    if not coupled and cfg.train.drift_every == 0:
+    # DoRA rescales each column by a learned magnitude: W is no longer W0 + s·B·A, so neither
+    # the factored penalty nor the drift metric applies (config.validate refuses coupled + DoRA).
+    if not coupled and (cfg.train.drift_every == 0 or cfg.finetune.use_dora):
         return None
     ref_dtype = None if cfg.method.reference_dtype == "same" else DTYPES[cfg.method.reference_dtype]
     return DirectionPenalty(model, cfg.method.direction_weight if coupled else 0.0,
@@ -110,15 +115,19 @@ def run_training(cfg: Config) -> dict:
     """Train per `cfg`; write the run folder; return the summary (also in summary.json)."""
     started = time.perf_counter()
     _select_device(cfg.train.device)
-    out, resume_ckpt = run_folder.prepare(cfg)
+    out, resume_ckpt = run_folder.resolve(cfg)  # refuses a used folder; writes nothing yet
     set_seed(cfg.train.seed)
     transformers.logging.set_verbosity_error()
 
     model, tokenizer = build_model(cfg)
     data = build_datasets(cfg.data, tokenizer)
+    print(data.summary(), file=sys.stderr)
+    penalty = build_penalty(model, cfg)
+    # Only now, with the model, the data and the method checked, touch the folder: a typo in
+    # the config or a bad record never costs the run already there.
+    run_folder.claim(out, resume_ckpt)
     run_folder.write_manifest(out, cfg, data.data_files,
                               {"parameters": count_parameters(model), "data": data.stats})
-    penalty = build_penalty(model, cfg)
 
     resume_step = None
     if resume_ckpt is not None:
@@ -149,15 +158,21 @@ def run_training(cfg: Config) -> dict:
     if penalty is not None and cfg.train.drift_every > 0:
         trainer.add_callback(DriftMeter(penalty.angles, cfg.train.drift_every, extra))
 
-    trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
+    finally:  # also when a NonFiniteError stops the run: give the signals back to the caller
+        guard.release_signals()
 
-    test_loss = None
-    if data.test is not None:
-        test_loss = trainer.evaluate(eval_dataset={"test": data.test})["eval_test_loss"]
+    test_loss = final = None
+    if guard.interrupted is None:
+        if data.test is not None:
+            test_loss = trainer.evaluate(eval_dataset={"test": data.test})["eval_test_loss"]
+        # the model in memory: the best checkpoint's when validated (load_best_model_at_end), else the last
+        final = save_model_atomically(trainer, out / "final")
     records = log.read()
     summary = summarise(records, cfg, recorder.target_step, trainer, test_loss)
     summary.update(wall_time_s=time.perf_counter() - started, interrupted=guard.interrupted,
-                   skipped_steps=guard.skipped, data=data.stats)
+                   skipped_steps=guard.skipped, data=data.stats, final_model=str(final) if final else None)
     if guard.interrupted is None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
