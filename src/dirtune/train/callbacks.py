@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -121,7 +122,17 @@ class FaultGuard(TrainerCallback):
 
     # -- signals
     def _handler(self, signum, frame):
+        if self.interrupted:
+            # A second signal: the user means it. Stop now; checkpoints are written atomically,
+            # so the last complete one survives even a stop in the middle of a save.
+            print(f"dirtune: second {signal.Signals(signum).name}: stopping without saving; "
+                  "resume from the last checkpoint with train.resume=auto", file=sys.stderr)
+            self.release_signals()
+            signal.raise_signal(signum)
+            return
         self.interrupted = signal.Signals(signum).name
+        print(f"dirtune: {self.interrupted}: saving a checkpoint after this step, then stopping "
+              "(send it again to stop at once)", file=sys.stderr)
 
     def on_train_begin(self, args, state, control, **kwargs):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -138,8 +149,13 @@ class FaultGuard(TrainerCallback):
                             "event": f"{self.interrupted}: checkpoint saved, stopping"})
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.release_signals()
+
+    def release_signals(self) -> None:
+        """Put back the handlers that were there before training (idempotent)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(sig, handler)
         self._previous.clear()
 
     # -- numerics
