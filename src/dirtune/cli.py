@@ -26,7 +26,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     summary = run_training(cfg)
     keys = ("best_eval_loss", "best_step", "final_eval_loss", "final_step", "target_step", "test_loss",
-            "forget_loss_start", "forget_loss_end", "best_checkpoint", "wall_time_s")
+            "forget_loss_start", "forget_loss_end", "best_checkpoint", "final_model", "wall_time_s")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     if summary.get("interrupted"):
         print(f"interrupted ({summary['interrupted']}): resume with train.resume=auto", file=sys.stderr)
@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"dirtune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are atomic
+        print(f"dirtune {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
