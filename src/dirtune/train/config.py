@@ -305,6 +305,9 @@ def validate(cfg: Config) -> Config:
     if cfg.method.penalty == "decoupled" and cfg.finetune.type == "lora":
         raise ConfigError("method.penalty: 'decoupled' turns full weights toward their pretrained direction; "
                           "with finetune.type: lora use penalty: coupled (the factored form)")
+    if cfg.method.penalty == "coupled" and cfg.finetune.use_dora:
+        raise ConfigError("method.penalty: 'coupled' needs W = W0 + s·B·A; DoRA's learned magnitudes break "
+                          "that, so it is not supported with finetune.use_dora=true")
     if cfg.finetune.type == "full" and (cfg.finetune.use_dora or cfg.finetune.loraplus_ratio):
         raise ConfigError("finetune.use_dora / finetune.loraplus_ratio apply to finetune.type: lora only")
     return cfg
