@@ -6,6 +6,11 @@ parallel lists and calls the functional entry `balanced_adamw`, which dispatches
 `_single_tensor_balanced_adamw`, the `torch._foreach_*` `_multi_tensor_balanced_adamw` (same
 signature, same arithmetic) or, when asked, the fused kernel of `dirtune.method.fused`.
 The functional step and the per-tensor scalars live in `update_rules`. Imports only torch.
+
+Sharded training (FSDP2, DeepSpeed): see `sharded.py` and docs/distributed.md. Parameters that
+a wrapper swaps into the groups after construction (accelerate's FSDP2 preparation replaces
+each parameter by its DTensor shard) are *adopted* at their first step: their anchors,
+references and balance scales are taken then, from their value before that step.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
+from dirtune.method import sharded
 from dirtune.method.update_rules import (
     ANCHORS,
     BALANCES,
@@ -81,11 +87,38 @@ def _home(p: Tensor, anchor_device: str | None) -> torch.device:
 
 def _store(t: Tensor, p: Tensor, anchor_device: str | None, dtype: torch.dtype | None) -> Tensor:
     """A private copy of t for the state, in `dtype` (None: p's dtype) at the anchor's home; CPU
-    copies of accelerator params are pinned so the per-step upload can be asynchronous."""
+    copies of accelerator params are pinned so the per-step upload can be asynchronous.
+
+    For a DTensor parameter the copy is of the local shard, wrapped as a DTensor like p (so a
+    checkpoint gathers it like the moments); a full tensor t is cut to p's rows first."""
+    if sharded.is_dtensor(p):
+        t = sharded.local(t) if sharded.is_dtensor(t) else sharded.local_rows(t, p)
+        return sharded.wrap_like(_store(t, sharded.local(p), anchor_device, dtype or p.dtype), p)
     out = t.detach().to(device=_home(p, anchor_device), dtype=dtype or p.dtype, copy=True)
     if anchor_device == "cpu" and p.device.type == "cuda":
         out = out.pin_memory()
     return out
+
+
+def _needs_structure(group: dict[str, Any]) -> str | None:
+    """What in the group's options needs whole tensors or rows (None if it is all elementwise)."""
+    decays = group["anchor"] != "none"
+    if decays and group["balance"] != "none":
+        return f"balance={group['balance']!r}"
+    if group["direction_weight"] > 0:
+        return f"direction_weight={group['direction_weight']} (the decoupled turn)"
+    return None
+
+
+def _refuse_flat(group: dict[str, Any], why: str) -> None:
+    need = _needs_structure(group)
+    if need is not None:
+        raise ValueError(
+            f"BalancedAdamW: {why}; {need} needs each tensor's rows and whole-tensor sums, which a "
+            "flat partition (DeepSpeed ZeRO) does not keep. Supported there: anchor 'init', 'zero' "
+            "or 'none' with balance='none' and direction_weight=0 (elementwise decay). For balance "
+            "'scale'/'selective' or the turn, shard with FSDP2 (accelerate, fsdp_version: 2) or use "
+            "DDP; see docs/distributed.md")
 
 
 class BalancedAdamW(Optimizer):
@@ -185,9 +218,15 @@ class BalancedAdamW(Optimizer):
         self._snapshot(self.param_groups[-1])
 
     @torch.no_grad()
-    def _snapshot(self, group: dict[str, Any]) -> None:
+    def _snapshot(self, group: dict[str, Any], only: list[Tensor] | None = None) -> None:
+        """Copy anchors and references of `only` (default: every parameter of the group), then
+        the group's balance scales (over all of its parameters)."""
         anchor, device, dtype = group["anchor"], group["anchor_device"], group["anchor_dtype"]
-        for p in group["params"]:
+        if any(sharded.is_flat_partition(p) for p in group["params"]):
+            # ZeRO-3 partitions: p.data is empty here; elementwise options are adopted at step 1
+            _refuse_flat(group, "parameters partitioned by DeepSpeed ZeRO (ds_id) were given")
+            return
+        for p in group["params"] if only is None else only:
             state = self.state[p]
             if anchor == "init":
                 state["anchor"] = _store(p, p, device, dtype)
@@ -229,6 +268,31 @@ class BalancedAdamW(Optimizer):
                     raise ValueError(f"loaded state of parameter {pid}: {key} has shape "
                                      f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
                 self.state[p][key] = _store(value, p, group["anchor_device"], value.dtype)
+
+    @torch.no_grad()
+    def _adopt_new_params(self) -> None:
+        """Take anchors, references and balance scales for parameters swapped into the groups
+        after construction (not in the state): accelerate's FSDP2 preparation replaces every
+        parameter by its DTensor shard this way, DeepSpeed ZeRO by flat partitions. Their value
+        now, before their first step, is the pretrained one. State of parameters that left the
+        groups is dropped (it would keep the unsharded anchors alive)."""
+        live = {id(p) for g in self.param_groups for p in g["params"]}
+        fresh = [[p for p in g["params"] if p not in self.state] for g in self.param_groups]
+        if not any(fresh):
+            return
+        for group, new in zip(self.param_groups, fresh):
+            # a plain 1-D tensor may be a flat partition of many tensors (and cannot be told
+            # from one); a DTensor or a 2-D tensor keeps its rows
+            flat = [p for p in new if not sharded.is_dtensor(p) and p.ndim == 1]
+            if flat:
+                _refuse_flat(group, f"{len(flat)} 1-D parameter(s) of shape(s) "
+                             f"{sorted({tuple(p.shape) for p in flat})[:3]} were swapped into the "
+                             "optimizer after construction, as DeepSpeed ZeRO's flat partitions are")
+        for key in [k for k in self.state if id(k) not in live]:
+            del self.state[key]
+        for group, new in zip(self.param_groups, fresh):
+            if new:
+                self._snapshot(group, only=new)
 
     def _init_group(
         self,
@@ -282,6 +346,7 @@ class BalancedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._adopt_new_params()
         for group in self.param_groups:
             lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
             self._init_group(group, *lists)

@@ -22,6 +22,12 @@ identities need. A zero row (or tensor) thus has `cos = 0` and a penalty of 1, n
 the gradient at a zero row of θ is the exact one of this definition, `−u0/ε` (finite, large:
 it pushes a collapsed row back out along θ0; trained weights never sit exactly at zero).
 
+Sharded weights (DTensors, FSDP2: whole output rows per rank) give the same value and the same
+gradient as the unsharded ones: "row" terms are local and only the value is summed over ranks;
+"tensor" terms sum the shards' squared norms first (one all-reduce for all tensors), then the
+shards' `||u − u0||²` (a second one), and the backward is local. References may be full
+tensors (cut to the local rows at each call) or DTensors like their weights.
+
 Imports only torch (house rule: the method does not know about transformers or peft).
 """
 
@@ -31,6 +37,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from dirtune.method import sharded
 
 EPS = 1e-12
 """Norm floor ε (see the module docstring); squared, 1e-24 is still a normal fp32 number."""
@@ -81,7 +89,7 @@ def _rows_view(t: torch.Tensor, rows: bool) -> torch.Tensor:
 
     Tensors of dimension < 2 have no output rows; they are one row (the whole vector)."""
     if rows and t.dim() >= 2:
-        return t.reshape(t.shape[0], -1)
+        return t.flatten(1)  # not reshape(R, -1), which a shard with no rows (R = 0) refuses
     return t.reshape(1, -1)
 
 
@@ -105,11 +113,20 @@ def _one_minus_cos_rows(t: torch.Tensor, r: torch.Tensor, cd: torch.dtype, eps: 
     n = torch.linalg.vector_norm(t, dim=1, dtype=cd)
     n0 = torch.linalg.vector_norm(r, dim=1, dtype=cd)
     m, m0 = n.clamp_min(eps), n0.clamp_min(eps)
+    val = _half_square_distance(t, r, m, m0) + _below_eps(n, m, n0, m0)
+    return val, m, m0
+
+
+def _half_square_distance(t: torch.Tensor, r: torch.Tensor, m: torch.Tensor, m0: torch.Tensor):
+    """`||t/m − r/m0||²/2` per row of two (R, N) tensors, in m's dtype; m, m0 (R,)."""
     d = t * (1 / m)[:, None]                                 # u, (R, N) in cd
     d.sub_(r * (1 / m0)[:, None])                            # u − u0 (two roundings, no FMA:
-    val = 0.5 * torch.linalg.vector_norm(d, dim=1).square()  #  exactly 0 when t == r)
-    val = val + 0.5 * (1 - (n / m).square()) + 0.5 * (1 - (n0 / m0).square())
-    return val, m, m0
+    return 0.5 * torch.linalg.vector_norm(d, dim=1).square()  #  exactly 0 when t == r)
+
+
+def _below_eps(n, m, n0, m0):
+    """The corrections `(1 − (n/m)²)/2 + (1 − (n0/m0)²)/2`: exactly 0 unless a norm is below ε."""
+    return 0.5 * (1 - (n / m).square()) + 0.5 * (1 - (n0 / m0).square())
 
 
 class _DenseDirection(torch.autograd.Function):
@@ -119,23 +136,27 @@ class _DenseDirection(torch.autograd.Function):
     (R, N) intermediate is kept between forward and backward. θ0 is a constant (no gradient)
     and may live on another device (e.g. the CPU): it is moved to θ's device for the forward
     and again for the backward, transiently.
+
+    `count` is the number of rows the mean is over: None for this tensor's own rows; the global
+    row count when θ is one rank's shard of a row-sharded tensor (the result is then that
+    shard's share of the mean, and the shares sum to it over ranks).
     """
 
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, ref: torch.Tensor, rows: bool, eps: float):
+    def forward(ctx, theta: torch.Tensor, ref: torch.Tensor, rows: bool, eps: float, count):
         cd = _compute_dtype(theta, ref)
         r = _on_device(_rows_view(ref, rows), theta.device)
         val, m, m0 = _one_minus_cos_rows(_rows_view(theta, rows), r, cd, eps)
         ctx.save_for_backward(theta, ref, val, m, m0)
-        ctx.rows, ctx.eps = rows, eps
-        return val.mean()
+        ctx.rows, ctx.eps, ctx.count = rows, eps, count
+        return val.mean() if count is None else val.sum() / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         theta, ref, val, m, m0 = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         t = _rows_view(theta, ctx.rows)
         r = _on_device(_rows_view(ref, ctx.rows), theta.device)
         # ∇ = −(u0 − c·u)/m per row, times grad_out/R (mean over R rows), written as two row
@@ -143,12 +164,112 @@ class _DenseDirection(torch.autograd.Function):
         # c = 1 − val: its rounding (~1e-7 absolute) is that of u itself, so nothing is lost.
         # Below ε the norm is the constant ε and the θ term vanishes (∇ = −u0/ε, finite);
         # m > ε: the norm was not clamped, m == ε: it was at or below ε.
-        k = grad_out / val.numel()
+        k = grad_out / (val.numel() if ctx.count is None else ctx.count)
         a = torch.where(m > ctx.eps, (1 - val) / (m * m), torch.zeros_like(m)) * k
         b = k / (m * m0)
         g = t * a[:, None]
         g.sub_(r * b[:, None])
-        return g.reshape(theta.shape).to(theta.dtype), None, None, None
+        return g.reshape(theta.shape).to(theta.dtype), None, None, None, None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Shares of a value summed over ranks (all-reduce); the backward is the identity, because
+    each rank's share depends only on its own shard: ∂R/∂θ_shard = ∂share/∂θ_shard."""
+
+    @staticmethod
+    def forward(ctx, shares: torch.Tensor, owners):
+        return sharded.sum_over_shards(shares.detach(), owners)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ShardedTensorDirection(torch.autograd.Function):
+    """`1 − cos(θ_i, θ0_i)` (n,) of whole tensors given their local shards, closed-form gradient.
+
+    forward: the shards' squared norms are summed over ranks (one all-reduce for all tensors),
+    giving the whole-tensor `m = max(||θ||, ε)`, `m0`; then the shards' `||θ/m − θ0/m0||²/2`
+    (a second all-reduce). The backward `−(u0 − c·u)/m` per element needs only `c`, `m`, `m0`
+    (whole-tensor scalars, saved) and the local shard: no communication.
+    inputs: owners (the sharded tensors, for their process groups), eps, then n local θ shards
+    and n local θ0 shards.
+    """
+
+    @staticmethod
+    def forward(ctx, owners, eps: float, *tensors: torch.Tensor):
+        n = len(owners)
+        ts = [t.reshape(1, -1) for t in tensors[:n]]
+        rs = [_on_device(r.reshape(1, -1), t.device) for r, t in zip(tensors[n:], ts)]
+        cd = _compute_dtype(*ts, *rs)
+        dev = ts[0].device
+        sq = torch.stack([torch.cat([torch.linalg.vector_norm(t, dim=1, dtype=cd),
+                                     torch.linalg.vector_norm(r, dim=1, dtype=cd)]).to(dev)
+                          for t, r in zip(ts, rs)]).square()          # (n, 2) shard ||θ||², ||θ0||²
+        norms = sharded.sum_over_shards(sq, owners).sqrt()             # (n, 2) whole tensors
+        nn_, nn0 = norms[:, 0], norms[:, 1]
+        m, m0 = nn_.clamp_min(eps), nn0.clamp_min(eps)
+        half = torch.stack([_half_square_distance(t, r, m[i:i + 1].to(t.device), m0[i:i + 1].to(t.device))[0]
+                            .to(dev) for i, (t, r) in enumerate(zip(ts, rs))])
+        val = sharded.sum_over_shards(half, owners) + _below_eps(nn_, m, nn0, m0)
+        ctx.save_for_backward(*tensors, val, m, m0)
+        ctx.n, ctx.eps = n, eps
+        return val
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_val: torch.Tensor):
+        saved = ctx.saved_tensors
+        n = ctx.n
+        thetas, refs, (val, m, m0) = saved[:n], saved[n:2 * n], saved[2 * n:]
+        grads = []
+        for i, (theta, ref) in enumerate(zip(thetas, refs)):
+            if not ctx.needs_input_grad[2 + i]:
+                grads.append(None)
+                continue
+            # the same two scalings of θ and θ0 as _DenseDirection.backward, with whole-tensor
+            # c = 1 − val, m, m0
+            k = grad_val[i]
+            a = torch.where(m[i] > ctx.eps, (1 - val[i]) / (m[i] * m[i]), torch.zeros_like(m[i])) * k
+            b = k / (m[i] * m0[i])
+            t = theta.reshape(1, -1)
+            g = t * a.to(t.device)
+            g.sub_(_on_device(ref.reshape(1, -1), t.device) * b.to(t.device))
+            grads.append(g.reshape(theta.shape).to(theta.dtype))
+        return (None, None, *grads, *([None] * n))
+
+
+def _local_ref(ref: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The reference rows beside `weight`'s local shard: a DTensor reference's own shard, or
+    the matching rows (a view) of a full reference."""
+    if sharded.is_dtensor(ref):
+        return sharded.local(ref)
+    return sharded.local_rows(ref, weight)
+
+
+def _sharded_direction_penalty(ws: list, rs: list, rows: bool) -> torch.Tensor:
+    """direction_penalty when some weights are DTensors: per-tensor terms from local shards,
+    completed over ranks (module docstring), in the order of `ws`."""
+    for w in ws:
+        sharded.shard_dims(w)  # refuses placements that split rows
+    locals_ = [(sharded.local(w), _local_ref(r, w)) for w, r in zip(ws, rs)]
+    terms: list = [None] * len(ws)
+    # "row" on a 2-D (or higher) tensor: rows are whole on each shard
+    by_row = [i for i, w in enumerate(ws) if rows and w.dim() >= 2]
+    if by_row:
+        shares = torch.stack([_DenseDirection.apply(*locals_[i], True, EPS, ws[i].shape[0]) for i in by_row])
+        for i, v in zip(by_row, _SumOverRanks.apply(shares, [ws[i] for i in by_row]).unbind(0)):
+            terms[i] = v
+    # "tensor", and 1-D tensors (one row that spans the shards)
+    whole = [i for i in range(len(ws)) if i not in set(by_row)]
+    if whole:
+        vals = _ShardedTensorDirection.apply([ws[i] for i in whole], EPS,
+                                             *[locals_[i][0] for i in whole],
+                                             *[locals_[i][1] for i in whole])
+        dev = terms[by_row[0]].device if by_row else vals.device
+        for i, v in zip(whole, vals.to(dev).unbind(0)):
+            terms[i] = v
+    return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
 
 def direction_penalty(weights, refs, granularity: str = "row") -> torch.Tensor:
@@ -179,7 +300,9 @@ def direction_penalty(weights, refs, granularity: str = "row") -> torch.Tensor:
         if w.shape != r.shape:
             raise ValueError(f"{fn}: weights[{i}] has shape {tuple(w.shape)} but refs[{i}] has "
                              f"shape {tuple(r.shape)}; a reference must have its weight's shape")
-    terms = [_DenseDirection.apply(w, r.detach(), rows, EPS) for w, r in zip(ws, rs)]
+    if any(sharded.is_dtensor(w) for w in ws):
+        return _sharded_direction_penalty(ws, [r.detach() for r in rs], rows)
+    terms = [_DenseDirection.apply(w, r.detach(), rows, EPS, None) for w, r in zip(ws, rs)]
     return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
 
@@ -195,6 +318,8 @@ def angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
     if weight.shape != ref.shape:
         raise ValueError(f"angle_and_drift: weight has shape {tuple(weight.shape)} but ref has "
                          f"shape {tuple(ref.shape)}")
+    if sharded.is_dtensor(weight):
+        return _sharded_angle_and_drift(weight, ref)
     cd = _compute_dtype(weight, ref)
     t = weight.reshape(1, -1)
     r = _on_device(ref.reshape(1, -1), weight.device)
@@ -202,6 +327,24 @@ def angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
     angle = torch.rad2deg(2 * torch.asin((val[0] / 2).clamp(0, 1).sqrt()))
     drift = torch.linalg.vector_norm(t.to(cd) - r.to(cd)) / m0[0]
     return angle, drift
+
+
+def _sharded_angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
+    """angle_and_drift of a row-sharded DTensor weight from its local shard: the same numbers,
+    with two all-reduces (norms and distance, then `||u − u0||²`)."""
+    sharded.shard_dims(weight)
+    t = sharded.local(weight).reshape(1, -1)
+    r = _on_device(_local_ref(ref, weight).reshape(1, -1), t.device)
+    cd = _compute_dtype(t, r)
+    shard = torch.cat([torch.linalg.vector_norm(t, dim=1, dtype=cd),
+                       torch.linalg.vector_norm(r, dim=1, dtype=cd),
+                       torch.linalg.vector_norm(t.to(cd) - r.to(cd), dim=1)]).square()
+    n, n0, dist = sharded.sum_over_shards(shard[None], [weight])[0].sqrt()
+    m, m0 = n.clamp_min(EPS), n0.clamp_min(EPS)
+    half = _half_square_distance(t, r, m.reshape(1), m0.reshape(1))
+    val = sharded.sum_over_shards(half[None], [weight])[0, 0] + _below_eps(n, m, n0, m0)
+    angle = torch.rad2deg(2 * torch.asin((val / 2).clamp(0, 1).sqrt()))
+    return angle, dist / m0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +447,11 @@ def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row"
     rows = _check_granularity(fn, granularity)
     bases = _as_list(fn, "base", base)
     As, Bs = _as_list(fn, "lora_A", lora_A), _as_list(fn, "lora_B", lora_B)
+    if any(sharded.is_dtensor(t) for t in (*bases, *As, *Bs)):
+        raise ValueError(f"{fn}: sharded (DTensor, FSDP) LoRA layers are not supported: the "
+                         "factored identities need whole A and W0 rows on each rank. LoRA's "
+                         "trainable weights are small: train LoRA data-parallel (accelerate "
+                         "launch without an FSDP config); see docs/distributed.md")
     if not bases:
         raise ValueError(f"{fn}: base is empty; give at least one layer")
     if not (len(bases) == len(As) == len(Bs)):

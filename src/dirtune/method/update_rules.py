@@ -8,16 +8,28 @@ pure functions with each other and with the fused path (dirtune.method.fused, sa
     decay_coefficients  k_i = min(1, η·λ·b_i), one per tensor                    (before the Adam step)
     turn_coefficients   (α, β) with θ ← α·θ + β·θ0, one pair per row or tensor   (after the Adam step)
 
-and `apply_turn`, which applies the last one in place. Imports only torch.
+and `apply_turn` / `apply_turns`, which apply the last one in place. Imports only torch.
+
+Sharded parameters (DTensors, FSDP2): `balanced_adamw` works on their local shards; every
+per-tensor sum above (rms, <g, θ − a>, the tensor-granularity turn's norms and inner product)
+is summed over the local shard and completed by `sharded.sum_over_shards`, one all-reduce for
+all tensors of the group and phase; rows are whole on each rank, so row quantities are local.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from dirtune.method import sharded
+
+# reduce(partials, index): full sums of per-tensor partial sums, row j of `partials` (a shard's
+# sum) belonging to tensor index[j] of the functional lists (sharded.sum_over_shards behind it).
+Reduce = Callable[[Tensor, list[int]], Tensor]
 
 ANCHORS = ("init", "zero", "none")
 BALANCES = ("none", "scale", "selective")
@@ -30,11 +42,24 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rms(t: Tensor) -> float:
-    """sqrt(mean(t²)) in at least fp32; 0.0 for an empty tensor. One host sync."""
-    if t.numel() == 0:
-        return 0.0
-    x = t.detach().to(_accumulation_dtype(t.dtype))
-    return float(torch.linalg.vector_norm(x)) / math.sqrt(t.numel())
+    """sqrt(mean(t²)) in at least fp32 over the whole tensor (all shards of a DTensor); 0.0 for
+    an empty tensor. One host sync."""
+    return _rms_all([t])[0]
+
+
+def _rms_all(values: list[Tensor]) -> list[float]:
+    """rms of each tensor, one host sync and (for DTensors) one all-reduce for all of them."""
+    if not values:
+        return []
+    norms = []
+    for v in values:
+        x = sharded.local(v.detach())
+        norms.append(torch.linalg.vector_norm(x.to(_accumulation_dtype(x.dtype))).to(
+            device=sharded.local(values[0]).device, dtype=torch.float64))
+    norms = torch.stack(norms)
+    if any(sharded.is_dtensor(v) for v in values):
+        norms = sharded.sum_over_shards(norms.square(), values).sqrt()  # ||a||² = Σ_shards ||a_s||²
+    return [n / math.sqrt(v.numel()) if v.numel() else 0.0 for n, v in zip(norms.tolist(), values)]
 
 
 def balance_scales(values: list[Tensor]) -> list[float]:
@@ -45,7 +70,7 @@ def balance_scales(values: list[Tensor]) -> list[float]:
     balance against: it gets b_i = 1 and does not enter s̄ (else b_i = ∞ would pin it to 0).
     If no tensor has a scale, every b_i is 1.
     """
-    scales = [rms(v) for v in values]
+    scales = _rms_all(values)
     positive = [s for s in scales if s > 0]
     if not positive:
         return [1.0] * len(values)
@@ -62,6 +87,7 @@ def decay_coefficients(
     lr: float,
     weight_decay: float,
     balance: str,
+    reduce: Reduce | None = None,
 ) -> Tensor:
     """k_i = min(1, η·λ·b_i), the share of θ_i − a_i removed by this step's decay; shape (n,), float64.
 
@@ -70,7 +96,9 @@ def decay_coefficients(
     gradient and θ the value before this step). An anchor of None means a_i = 0.
     "none"/"scale" read no data and return a CPU tensor (free to turn into Python floats);
     "selective" returns a tensor on params[0].device, so no host sync is needed.
-    Anchors must be on their parameter's device (any floating dtype).
+    Anchors may live elsewhere (e.g. the CPU; moved transiently) and be in any floating dtype.
+    `reduce` (sharded tensors: the lists hold local shards) completes the per-shard sums
+    <g_i, θ_i − a_i> into whole-tensor sums, one call for all tensors.
     """
     if balance not in BALANCES:
         raise ValueError(f"Invalid balance: {balance!r}; expected one of {BALANCES}")
@@ -84,11 +112,14 @@ def decay_coefficients(
     dots = []
     for p, g, a in zip(params, grads, anchors, strict=True):
         acc = _accumulation_dtype(p.dtype)
-        offset = p.to(acc) if a is None else p.to(acc) - a.to(acc)
+        offset = p.to(acc) if a is None else p.to(acc) - a.to(device=p.device, dtype=acc)
         dots.append((g.to(acc) * offset).sum().to(device=params[0].device, dtype=torch.float64))
     if not dots:
         return torch.zeros(0, dtype=torch.float64)
-    return (torch.stack(dots) > 0).to(torch.float64) * cap
+    dots = torch.stack(dots)
+    if reduce is not None:
+        dots = reduce(dots, list(range(len(params))))
+    return (dots > 0).to(torch.float64) * cap
 
 
 def turn_coefficients(
@@ -102,6 +133,12 @@ def turn_coefficients(
     Promises: the result has norm ||θ||·sqrt(1 + κ²·sin²∠(θ, θ0)) (norm kept to first order);
     for κ ≤ 1 it never turns past θ0. A zero row of θ or θ0 is left unchanged (α = 1, β = 0).
     """
+    return _turn_from_sums(*turn_sums(param, reference, granularity=granularity), strength)
+
+
+def turn_sums(param: Tensor, reference: Tensor, *, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(||θ||, ||θ0||, <θ, θ0>) per output row ((rows, 1) each) or for the tensor ((1, 1)), in
+    at least fp32: what the turn needs from the data. On a shard these are the shard's values."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"Invalid granularity: {granularity!r}; expected one of {GRANULARITIES}")
     if param.ndim != 2 or reference.shape != param.shape:
@@ -114,6 +151,11 @@ def turn_coefficients(
     norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True)     # ||θ_r||,  (rows, 1) | (1, 1)
     norm0 = torch.linalg.vector_norm(w0, dim=dims, keepdim=True)   # ||θ0_r||
     inner = (w * w0).sum(dim=dims, keepdim=True)                    # <θ_r, θ0_r>
+    return norm, norm0, inner
+
+
+def _turn_from_sums(norm: Tensor, norm0: Tensor, inner: Tensor, strength: float) -> tuple[Tensor, Tensor]:
+    """(α, β) = (1 − κ·c, κ·||θ||/||θ0||) with c = <θ, θ0>/(||θ||·||θ0||); zero norms give (1, 0)."""
     inv_norm = torch.where(norm > 0, norm.reciprocal(), 0.0)
     inv_norm0 = torch.where(norm0 > 0, norm0.reciprocal(), 0.0)
     cos = inner * inv_norm * inv_norm0
@@ -125,6 +167,42 @@ def turn_coefficients(
 def apply_turn(param: Tensor, reference: Tensor, *, strength: float, granularity: str) -> None:
     """θ ← θ + κ·||θ||·(u0 − c·u) in place (see turn_coefficients); fp32 math for half params."""
     alpha, beta = turn_coefficients(param, reference, strength=strength, granularity=granularity)
+    _axpby(param, reference, alpha, beta)
+
+
+def apply_turns(params: list[Tensor], references: list[Tensor | None], *, strength: float,
+                granularity: str, reduce: Reduce | None = None) -> None:
+    """apply_turn to every 2-D params[i] (references[i] is its θ0).
+
+    With `reduce` (the lists hold local shards of row-sharded tensors) and granularity "tensor",
+    the shards' norms and inner products are completed into whole-tensor ones first, one
+    `reduce` for all tensors; rows are whole on every shard, so "row" needs nothing.
+    """
+    index = [i for i, p in enumerate(params) if p.ndim == 2]
+    if reduce is None or granularity == "row":
+        for i in index:
+            apply_turn(params[i], _beside(references[i], params[i]), strength=strength,
+                       granularity=granularity)
+        return
+    if not index:
+        return
+    # (n, 3): ||θ||², ||θ0||², <θ, θ0> of each shard, summed over shards, then back to norms
+    parts = [torch.cat(turn_sums(params[i], _beside(references[i], params[i]), granularity="tensor"))
+             for i in index]
+    device = parts[0].device
+    sums = torch.stack([q.reshape(3).to(device=device, dtype=torch.float64) for q in parts])
+    sums = reduce(torch.cat([sums[:, :2].square(), sums[:, 2:]], dim=1), index)
+    for j, i in enumerate(index):
+        p = params[i]
+        acc = _accumulation_dtype(p.dtype)
+        norm, norm0, inner = (sums[j, 0].sqrt(), sums[j, 1].sqrt(), sums[j, 2])
+        alpha, beta = _turn_from_sums(*(x.to(device=p.device, dtype=acc).reshape(1, 1)
+                                        for x in (norm, norm0, inner)), strength)
+        _axpby(p, _beside(references[i], p), alpha, beta)
+
+
+def _axpby(param: Tensor, reference: Tensor, alpha: Tensor, beta: Tensor) -> None:
+    """θ ← α·θ + β·θ0 in place, in α's dtype (fp32 for half params, rounded once)."""
     w0 = reference.to(device=param.device, dtype=alpha.dtype)
     if param.dtype == alpha.dtype:
         param.mul_(alpha).addcmul_(w0, beta)
@@ -170,16 +248,38 @@ def balanced_adamw(
     anchors[i] is a_i or None (anchor "zero"/"none"); references[i] is θ0_i or None; scales[i]
     is b_i of balance "scale" (ignored otherwise). Anchors and references may live on the CPU and
     in any floating dtype. foreach=None picks foreach when every parameter is on CUDA.
+
+    DTensor entries (FSDP2's row-sharded parameters, with their grads and state as DTensors of
+    the same placements) are stepped on their local shards; whole-tensor sums are completed
+    across shards (see sharded.py), so the step equals the unsharded one to round-off.
     """
-    if fused:
+    reduce = None
+    if any(sharded.is_dtensor(p) for p in params):
+        for p in params:
+            sharded.shard_dims(p)  # refuses placements that split rows
+        owners = list(params)
+
+        def reduce(partials: Tensor, index: list[int]) -> Tensor:
+            return sharded.sum_over_shards(partials, [owners[i] for i in index])
+
+        params, grads, exp_avgs, exp_avg_sqs, anchors, references = (
+            [sharded.local(t) for t in ts]
+            for ts in (params, grads, exp_avgs, exp_avg_sqs, anchors, references))
+    # Shard sums are needed by "selective" decay and by the tensor-granularity turn; the fused
+    # kernels sum per shard only, so sharded steps needing them take the foreach path instead.
+    needs_sums = reduce is not None and (
+        (balance == "selective" and weight_decay != 0 and anchor != "none")
+        or (direction_weight != 0 and granularity == "tensor"))
+    if fused and not needs_sums:
         func = _fused_impl()
     else:
-        if foreach is None:
-            foreach = len(params) > 0 and all(p.device.type == "cuda" for p in params)
+        if foreach is None or fused:
+            foreach = fused or (len(params) > 0 and all(p.device.type == "cuda" for p in params))
         func = _multi_tensor_balanced_adamw if foreach else _single_tensor_balanced_adamw
+    extra = {"reduce": reduce} if reduce is not None else {}
     func(params, grads, exp_avgs, exp_avg_sqs, state_steps, anchors, references, scales,
          lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, anchor=anchor,
-         balance=balance, direction_weight=direction_weight, granularity=granularity)
+         balance=balance, direction_weight=direction_weight, granularity=granularity, **extra)
 
 
 def _beside(t: Tensor | None, p: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:
@@ -214,15 +314,18 @@ def _single_tensor_balanced_adamw(
     balance: str,
     direction_weight: float,
     granularity: str,
+    reduce: Reduce | None = None,
 ) -> None:
+    decay = weight_decay != 0 and anchor != "none"
+    if decay:  # k_i = min(1, η·λ·b_i) from the values before this step (one reduce if sharded)
+        ks = _scalars(decay_coefficients(params, grads, anchors, scales, lr=lr,
+                                         weight_decay=weight_decay, balance=balance, reduce=reduce))
     for i, param in enumerate(params):
         grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         step_t += 1
         # decay toward the anchor: θ ← θ − k·(θ − a), k = min(1, η·λ·b)
-        if weight_decay != 0 and anchor != "none":
-            a = _beside(anchors[i], param)
-            (k,) = _scalars(decay_coefficients([param], [grad], [a], [scales[i]], lr=lr,
-                                               weight_decay=weight_decay, balance=balance))
+        if decay:
+            a, k = _beside(anchors[i], param), ks[i]
             if a is None:
                 param.mul_(1 - k)
             else:  # lerp lands exactly on a when k = 1
@@ -235,10 +338,10 @@ def _single_tensor_balanced_adamw(
         bias_correction2 = 1 - beta2**step
         denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
-        # decoupled direction turn toward θ0 (2-D weights only)
-        if direction_weight != 0 and param.ndim == 2:
-            apply_turn(param, _beside(references[i], param), strength=min(1.0, lr * direction_weight),
-                       granularity=granularity)
+    # decoupled direction turn toward θ0 (2-D weights only), each from its own post-Adam value
+    if direction_weight != 0:
+        apply_turns(params, references, strength=min(1.0, lr * direction_weight),
+                    granularity=granularity, reduce=reduce)
 
 
 def _group_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
@@ -268,8 +371,13 @@ def _multi_tensor_balanced_adamw(
     balance: str,
     direction_weight: float,
     granularity: str,
+    reduce: Reduce | None = None,
 ) -> None:
-    for (_, dtype), idx in _group_by_device_and_dtype(params).items():
+    decay = weight_decay != 0 and anchor != "none"
+    if decay:  # k_i from the values before this step, for all tensors at once (one reduce if sharded)
+        ks_all = decay_coefficients(params, grads, anchors, scales, lr=lr, weight_decay=weight_decay,
+                                    balance=balance, reduce=reduce)
+    for (device, dtype), idx in _group_by_device_and_dtype(params).items():
         ps = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
         ms = [exp_avgs[i] for i in idx]
@@ -277,10 +385,10 @@ def _multi_tensor_balanced_adamw(
         steps = [state_steps[i] for i in idx]
         torch._foreach_add_(steps, 1.0)
         # decay toward the anchor, as in the single-tensor path
-        if weight_decay != 0 and anchor != "none":
+        if decay:
             anc = [_beside(anchors[i], params[i]) for i in idx]
-            ks = _scalars(decay_coefficients(ps, gs, anc, [scales[i] for i in idx], lr=lr,
-                                             weight_decay=weight_decay, balance=balance))
+            sub = ks_all[idx] if ks_all.device.type == "cpu" else ks_all[idx].to(device)
+            ks = _scalars(sub)
             if anchor == "zero":
                 torch._foreach_mul_(ps, [1 - k for k in ks])
             else:
@@ -297,9 +405,7 @@ def _multi_tensor_balanced_adamw(
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(ps, ms, denom, [-(lr / bc) for bc in bias_correction1])
         del denom
-        # the turn needs per-row reductions, which have no foreach kernel: one tensor at a time
-        if direction_weight != 0:
-            for i in idx:
-                if params[i].ndim == 2:
-                    apply_turn(params[i], _beside(references[i], params[i]),
-                               strength=min(1.0, lr * direction_weight), granularity=granularity)
+    # the turn needs per-row reductions, which have no foreach kernel: one tensor at a time
+    if direction_weight != 0:
+        apply_turns(params, references, strength=min(1.0, lr * direction_weight),
+                    granularity=granularity, reduce=reduce)

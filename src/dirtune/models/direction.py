@@ -12,6 +12,9 @@ ready to be added to the loss (the *coupled* way; the decoupled turn belongs to 
   penalty starts at about 1e-6 instead of 0 (an angle of ~0.06°); use `reference_dtype=None`
   for an exact reference.
 - Covered modules that are frozen and not LoRA are skipped.
+- Weights are read from their modules at each call, so a model sharded after construction
+  (FSDP2 replaces each weight by a DTensor shard) is penalised through its shards; each full
+  reference is then cut to this rank's rows once, and the rest freed.
 
 Imports only torch and the method: it knows transformers' and PEFT's layouts by attribute names.
 """
@@ -22,6 +25,7 @@ from collections import defaultdict
 
 import torch
 
+from dirtune.method import sharded
 from dirtune.method.penalty import angle_and_drift, direction_penalty, lora_direction_penalty
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -144,7 +148,7 @@ class DirectionPenalty(torch.nn.Module):
         self.reference_bytes = 0
         # Plain lists: the model's modules and parameters must not become this module's children.
         self._lora: list[tuple[str, torch.nn.Module, list[str]]] = []
-        self._full: list[tuple[str, torch.nn.Parameter]] = []
+        self._full: list[tuple[str, torch.nn.Module]] = []   # (name, module owning the weight)
 
         found, frozen, seen = set(), [], set()
         for name, module in model.named_modules():
@@ -162,7 +166,7 @@ class DirectionPenalty(torch.nn.Module):
             if (isinstance(w, torch.Tensor) and w.dim() == 2 and w.requires_grad
                     and w.is_floating_point() and id(w) not in seen):
                 seen.add(id(w))
-                self._add_full(name, w, ref_dtype, ref_device)
+                self._add_full(name, module, w, ref_dtype, ref_device)
                 self.names.append(name)
             else:
                 frozen.append(name)
@@ -179,12 +183,12 @@ class DirectionPenalty(torch.nn.Module):
                              f"modules with a 2-D weight here are named {leaves[:16]}")
         self.mode = "mixed" if self._lora and self._full else ("lora" if self._lora else "full")
 
-    def _add_full(self, name, w, ref_dtype, ref_device):
+    def _add_full(self, name, module, w, ref_dtype, ref_device):
         ref = w.detach().to(device=ref_device or w.device, dtype=ref_dtype or w.dtype, copy=True)
         if ref.device.type == "cpu" and w.device.type == "cuda":
             ref = ref.pin_memory()     # lets the per-call host→device copy run asynchronously
         self.register_buffer(f"_ref{len(self._full)}", ref, persistent=False)
-        self._full.append((name, w))
+        self._full.append((name, module))
         self.reference_bytes += ref.numel() * ref.element_size()
 
     def _lora_factors(self):
@@ -206,8 +210,22 @@ class DirectionPenalty(torch.nn.Module):
             scales.append(float(s))
         return bases, As, Bs, scales
 
-    def _refs(self) -> list[torch.Tensor]:
-        return [self._buffers[f"_ref{i}"] for i in range(len(self._full))]
+    def _weights(self) -> list[torch.Tensor]:
+        """The covered weights as their modules hold them now (a wrapper may have replaced them)."""
+        return [module.weight for _, module in self._full]
+
+    def _refs(self, weights: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        weights = self._weights() if weights is None else weights
+        refs = []
+        for i, w in enumerate(weights):
+            ref = self._buffers[f"_ref{i}"]
+            if sharded.is_dtensor(w) and not sharded.is_dtensor(ref):
+                # the model was sharded after this penalty was built: keep this rank's rows only
+                local = sharded.local_rows(ref, w).clone()
+                self.reference_bytes -= (ref.numel() - local.numel()) * ref.element_size()
+                ref = self._buffers[f"_ref{i}"] = sharded.wrap_like(local, w)
+            refs.append(ref)
+        return refs
 
     def forward(self) -> torch.Tensor:
         """`λ_dir · R`, R the mean of `1 − cos` over all covered tensors (0-d fp32 tensor)."""
@@ -216,8 +234,9 @@ class DirectionPenalty(torch.nn.Module):
             parts.append((lora_direction_penalty(*self._lora_factors(), self.granularity),
                           len(self._lora)))
         if self._full:
-            parts.append((direction_penalty([w for _, w in self._full], self._refs(),
-                                            self.granularity), len(self._full)))
+            weights = self._weights()
+            parts.append((direction_penalty(weights, self._refs(weights), self.granularity),
+                          len(self._full)))
         if len(parts) == 1:
             R = parts[0][0]
         else:      # mean over all tensors = count-weighted mean of the two means
@@ -236,7 +255,8 @@ class DirectionPenalty(torch.nn.Module):
             for (name, _, _), W0, A, B, s in zip(self._lora, *self._lora_factors()):
                 W = W0.float() + s * (B.float() @ A.float())
                 per_type[name.rsplit(".", 1)[-1]].append(angle_and_drift(W, W0))
-        for (name, w), ref in zip(self._full, self._refs()):
+        weights = self._weights()
+        for (name, _), w, ref in zip(self._full, weights, self._refs(weights)):
             per_type[name.rsplit(".", 1)[-1]].append(angle_and_drift(w, ref))
         out = {}
         for kind, pairs in per_type.items():
