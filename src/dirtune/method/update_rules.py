@@ -221,6 +221,23 @@ def _fused_impl():
     return _fused_balanced_adamw
 
 
+# fused=None, foreach=None on CUDA: take the fused kernels (dirtune.method.fused) when Triton is
+# installed. Off until bench/perf/run.py's "agree" section has passed on the GPU.
+FUSED_BY_DEFAULT = False
+
+
+def _fused_by_default(params: list[Tensor]) -> bool:
+    """Whether fused=None means fused here: every parameter on CUDA, Triton importable, and
+    FUSED_BY_DEFAULT set. CPU parameters never import dirtune.method.fused."""
+    if not FUSED_BY_DEFAULT or not params or not all(p.device.type == "cuda" for p in params):
+        return False
+    try:
+        from dirtune.method.fused import available
+    except ImportError:
+        return False
+    return available()
+
+
 def balanced_adamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -247,7 +264,8 @@ def balanced_adamw(
 
     anchors[i] is a_i or None (anchor "zero"/"none"); references[i] is θ0_i or None; scales[i]
     is b_i of balance "scale" (ignored otherwise). Anchors and references may live on the CPU and
-    in any floating dtype. foreach=None picks foreach when every parameter is on CUDA.
+    in any floating dtype. foreach=None picks foreach when every parameter is on CUDA;
+    fused=None with foreach=None picks the fused kernels there if FUSED_BY_DEFAULT is set.
 
     DTensor entries (FSDP2's row-sharded parameters, with their grads and state as DTensors of
     the same placements) are stepped on their local shards; whole-tensor sums are completed
@@ -265,6 +283,8 @@ def balanced_adamw(
         params, grads, exp_avgs, exp_avg_sqs, anchors, references = (
             [sharded.local(t) for t in ts]
             for ts in (params, grads, exp_avgs, exp_avg_sqs, anchors, references))
+    if fused is None and foreach is None:
+        fused = _fused_by_default(params)
     # Shard sums are needed by "selective" decay and by the tensor-granularity turn; the fused
     # kernels sum per shard only, so sharded steps needing them take the foreach path instead.
     needs_sums = reduce is not None and (
