@@ -44,8 +44,9 @@ def _select_device(device: str) -> None:
 
 def build_model(cfg: Config, tokenizer=None):
     """Load (or initialise) the model and wrap it for LoRA or full fine-tuning."""
-    tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    # the model first: a wrong model.path is then reported as a missing model, not a tokenizer
     model = load_model(cfg.model, from_scratch=cfg.model.from_scratch)
+    tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     check_tokenizer_matches(model, tokenizer)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
