@@ -187,3 +187,31 @@ def test_resolve_refuses_a_used_folder_and_writes_nothing(tmp_path):
     (tmp_path / "final").mkdir()
     run_folder.claim(resolved, None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_saves_and_stops_and_a_second_one_stops_at_once(tmp_path, capsys):
+    import signal
+
+    from transformers import TrainerControl, TrainerState
+
+    from dirtune.train.callbacks import FaultGuard
+    from dirtune.train.run_folder import MetricsLog, read_metrics
+
+    guard = FaultGuard("stop", MetricsLog(tmp_path / "metrics.jsonl"), lambda: None)
+    before = signal.getsignal(signal.SIGINT)
+    guard.on_train_begin(None, None, None)
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert guard.interrupted == "SIGINT"
+        control = TrainerControl()
+        guard.on_step_end(None, TrainerState(global_step=5), control)
+        assert control.should_save and control.should_training_stop
+        assert read_metrics(tmp_path / "metrics.jsonl") == [
+            {"kind": "event", "step": 5, "event": "SIGINT: checkpoint saved, stopping"}]
+        with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C is Python's own again
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        guard.release_signals()
+    assert signal.getsignal(signal.SIGINT) is before
+    err = capsys.readouterr().err
+    assert "SIGINT: saving a checkpoint after this step" in err and "second SIGINT: stopping without saving" in err
