@@ -142,7 +142,9 @@ def test_fused_bf16_step_is_within_a_few_ulps(fused, kwargs):
     step_both(ref, fus, opt_ref, opt_fus, seed=2)
     for a, b, (p0, m0, v0) in zip(ref, fus, before):
         if a.numel():
-            assert float(ulps(a.detach(), b.detach(), p0).max()) <= 3
+            # θ is rounded up to 3 times by the reference (decay, Adam, turn), twice by the
+            # kernels, and the interpreter truncates: ≤ 0.5·3 + 1·2 units in the last place
+            assert float(ulps(a.detach(), b.detach(), p0).max()) <= 4
             g = a.grad
             assert float(ulps(opt_ref.state[a]["exp_avg"], opt_fus.state[b]["exp_avg"], m0, g).max()) <= 2
             assert float(ulps(opt_ref.state[a]["exp_avg_sq"], opt_fus.state[b]["exp_avg_sq"], v0).max()) <= 2
