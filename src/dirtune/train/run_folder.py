@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -30,18 +29,7 @@ from typing import Any, Iterable
 from dirtune.train import faults
 from dirtune.train.config import Config, ConfigError
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUN_MARKERS = ("metrics.jsonl", "summary.json")
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Checkpoint folders in `out`, oldest step first (only complete ones: trainer_state.json present)."""
-    found = []
-    for p in out.glob("checkpoint-*"):
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
 
 
 def holds_run(out: Path) -> bool:
