@@ -233,22 +233,30 @@ def test_huge_learning_rate_stops_without_saving_non_finite_weights(config, tmp_
     assert all_saved_weights_finite(out)
 
 
-def test_full_disk_while_saving_keeps_the_earlier_checkpoints(config, tmp_path, monkeypatch, capsys):
+DISK_FULL = [  # as Python/safetensors and as torch.save report it
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                  "data/0: file write failed"), "PytorchStreamWriter failed writing file data/0: file write failed"),
+]
+
+
+@pytest.mark.parametrize("error, reason", DISK_FULL, ids=["OSError", "torch.save"])
+def test_full_disk_while_saving_keeps_the_earlier_checkpoints(config, tmp_path, monkeypatch, capsys, error, reason):
     from transformers import Trainer
 
     original = Trainer._save_rng_state
 
     def disk_full_at_8(self, output_dir):
         if self.state.global_step == 8:  # model and optimizer are already half-way on disk
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         return original(self, output_dir)
 
     monkeypatch.setattr(Trainer, "_save_rng_state", disk_full_at_8)
     out = tmp_path / "run"
     assert train(config, out) == 2
     err = capsys.readouterr().err
-    assert (f"dirtune train: error: step 8: could not write the checkpoint into {out} (No space left on device); "
-            "the checkpoints already there are untouched") in err
+    assert f"dirtune train: error: step 8: could not write the checkpoint into {out} ({reason}; " in err
+    assert "GiB free there); the checkpoints already there are untouched" in err and "Traceback" not in err
     assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-4"]
     assert faults.checkpoint_problem(out / "checkpoint-4") is None
     assert not list(out.glob(".partial-*"))

@@ -244,8 +244,23 @@ def check_finite_weights(params: Iterable, step: int) -> None:
                              "data, or resume from the last checkpoint")
 
 
-def _disk_error(step: int, where: Path, e: OSError) -> CheckpointError:
-    return CheckpointError(f"step {step}: could not write the checkpoint into {where} ({e.strerror or e}); "
+# How a failed write shows up: OSError from Python and safetensors, but RuntimeError from torch.save
+# ("PytorchStreamWriter failed writing file …: file write failed").
+_WRITE_FAILURES = ("write failed", "no space left", "os error 28", "disk quota", "os error 122")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or any(w in str(e).lower() for w in _WRITE_FAILURES)
+
+
+def _disk_error(step: int, where: Path, e: BaseException) -> CheckpointError:
+    reason = (e.strerror if isinstance(e, OSError) else None) or str(e).strip().splitlines()[-1]
+    reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)  # torch's C++ location prefix
+    try:
+        free = f"; {shutil.disk_usage(where).free / 2**30:.1f} GiB free there"
+    except OSError:
+        free = ""
+    return CheckpointError(f"step {step}: could not write the checkpoint into {where} ({reason}{free}); "
                            "the checkpoints already there are untouched. Free disk space (or fix the "
                            "permissions) and resume with train.resume=auto")
 
@@ -281,10 +296,12 @@ class AtomicCheckpoints:
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as e:
+        except Exception as e:
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise _disk_error(step, run_dir, e) from None
+            if _is_write_failure(e):
+                raise _disk_error(step, run_dir, e) from None
+            raise
         finally:
             self._staging = None
         if distributed:  # sharded optimizer states are written by every rank
@@ -321,7 +338,9 @@ def save_model_atomically(trainer, dest: str | Path) -> Path:
         trainer.save_model(str(staging))
         if trainer.args.should_save:
             publish(staging, dest)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise _disk_error(trainer.state.global_step, dest.parent, e) from None
+        if _is_write_failure(e):
+            raise _disk_error(trainer.state.global_step, dest.parent, e) from None
+        raise
     return dest
