@@ -1,0 +1,282 @@
+"""`dirtune demo`: the whole story offline on a CPU in a few minutes, from the project's own pieces.
+
+1. make a small world (`dirtune.data.synthetic`): prose about it (source domain) and a question /
+   profile-card task about it (downstream task), and a character-level tokenizer;
+2. pretrain a tiny LLaMA-2-architecture model from scratch on the prose (`run_training`);
+3. fine-tune that source model on the task twice, with identical data, seed, steps and
+   evaluations: AdamW, and the method (BalancedAdamW: scale-balanced decay toward the
+   pretrained weights, plus the decoupled weight direction penalty);
+4. report steps to AdamW's best validation loss (method.md §3), the losses, forgetting (the rise
+   of the loss on held-out source prose), a plot and a JSON file.
+
+One seed and one hand-chosen learning rate per method: an illustration, not a tuned comparison
+(that is `dirtune bench`). The printed verdict is whatever the numbers say.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["run_demo", "DemoSizes", "FULL", "QUICK"]
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """Everything that makes the demo bigger or smaller."""
+
+    n_people: int           # people in the world (the task has 11 records per person)
+    n_source_train: int     # paragraphs of pretraining prose
+    n_source_valid: int     # held-out paragraphs: source validation and forgetting
+    hidden: int             # model width; heads are 4, MLP width ~2.7x
+    layers: int
+    source_steps: int       # pretraining steps
+    source_len: int         # tokens (characters) per pretraining block
+    source_eval_every: int
+    task_steps: int         # fine-tuning budget, the same for both methods
+    task_eval_every: int    # steps to target are resolved to this many steps
+    batch_size: int
+
+
+# Measured on 2 CPU cores: FULL runs in well under 3 minutes, QUICK in well under 40 s.
+FULL = DemoSizes(n_people=48, n_source_train=1500, n_source_valid=60, hidden=96, layers=3,
+                 source_steps=300, source_len=256, source_eval_every=100,
+                 task_steps=150, task_eval_every=10, batch_size=16)
+QUICK = DemoSizes(n_people=24, n_source_train=400, n_source_valid=30, hidden=64, layers=2,
+                  source_steps=80, source_len=128, source_eval_every=40,
+                  task_steps=30, task_eval_every=10, batch_size=8)
+
+# One learning rate per method, each the one with the lowest best validation loss of a grid
+# {3e-4, 1e-3, 3e-3, 1e-2} run once offline on the FULL demo, seed 0 (AdamW: 1e-3, the method:
+# 3e-3). Not swept per run: that is what `dirtune bench` does, with several seeds.
+# Decay and turn strengths: eta*lambda = 0.03 pull toward the pretrained weights per step and a
+# turn of eta*lambda_dir = 0.03 of the angle to them per step, at the peak learning rate.
+SOURCE_LR = 3e-3
+METHODS = {
+    "adamw": {
+        "label": "AdamW",
+        "overrides": ["optimizer.name=adamw", "optimizer.lr=1e-3", "optimizer.weight_decay=0.0"],
+    },
+    "method": {
+        "label": "BalancedAdamW + direction penalty",
+        "overrides": ["optimizer.name=balanced_adamw", "optimizer.lr=3e-3", "optimizer.anchor=init",
+                      "optimizer.balance=scale", "optimizer.weight_decay=10",
+                      "optimizer.anchor_dtype=fp32", "method.penalty=decoupled",
+                      "method.direction_weight=10"],
+    },
+}
+
+
+def _common_overrides(out: Path, seed: int) -> list[str]:
+    return [f"train.seed={seed}", "train.device=cpu", "train.progress=false", "train.report_to=[none]",
+            "train.overwrite=true", "train.save_total_limit=1", "model.dtype=fp32",
+            "finetune.type=full", "finetune.train_embeddings=true", "train.drift_every=0"]
+
+
+def _write_source_init(init_dir: Path, sizes: DemoSizes, tokenizer) -> None:
+    """config.json of the tiny LLaMA-2 model plus the tokenizer: what `model.from_scratch` reads."""
+    from transformers import LlamaConfig
+
+    inter = int(round(sizes.hidden * 8 / 3 / 8) * 8)  # LLaMA's 8/3 x hidden, a multiple of 8
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=sizes.hidden, intermediate_size=inter,
+        num_hidden_layers=sizes.layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"],
+    )
+    init_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(init_dir)
+    tokenizer.save_pretrained(init_dir)
+
+
+def _curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(validation curve, forgetting curve) from a run's metrics.jsonl."""
+    val, forget = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") != "eval":
+            continue
+        if isinstance(rec.get("eval_loss"), (int, float)):
+            val.append((int(rec["step"]), float(rec["eval_loss"])))
+        if isinstance(rec.get("forget_loss"), (int, float)):
+            forget.append((int(rec["step"]), float(rec["forget_loss"])))
+    return val, forget
+
+
+def _verdict(res: dict, target: float) -> str:
+    """The plain sentence of the outcome, whichever way it falls."""
+    a, m = res["adamw"], res["method"]
+    sa, sm = a["steps_to_target"], m["steps_to_target"]
+    if sm is None:
+        return (f"The method did not reach AdamW's best validation loss ({target:.4f}) within "
+                f"{m['final_step']} steps (its best: {m['best_eval_loss']:.4f}); AdamW got there in {sa} steps.")
+    if sm == sa:
+        return f"The method reached AdamW's best validation loss ({target:.4f}) in the same number of steps ({sm})."
+    if sm == 0:
+        return f"The method's loss was already at AdamW's best ({target:.4f}) before training (step 0)."
+    ratio = sa / sm
+    if ratio > 1:
+        return (f"The method reached AdamW's best validation loss ({target:.4f}) in {sm} steps vs {sa}: "
+                f"{ratio:.2f}x fewer.")
+    return (f"The method needed more steps to reach AdamW's best validation loss ({target:.4f}): "
+            f"{sm} vs {sa} ({1 / ratio:.2f}x more).")
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _table(res: dict) -> str:
+    rows = [("method", "lr", "steps to target", "best val loss", "final val loss", "forgetting")]
+    for key in ("adamw", "method"):
+        r = res[key]
+        steps = "not reached" if r["steps_to_target"] is None else str(r["steps_to_target"])
+        rows.append((r["label"], _fmt(r["lr"], "g"), steps, _fmt(r["best_eval_loss"], ".4f"),
+                     _fmt(r["final_eval_loss"], ".4f"), _fmt(r["forgetting"], "+.4f")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, colour in (("adamw", "tab:blue"), ("method", "tab:red")):
+        r = res[key]
+        if r["curve"]:
+            ax1.plot(*zip(*r["curve"]), marker=".", color=colour, label=r["label"])
+        if r["forget_curve"]:
+            ax2.plot(*zip(*r["forget_curve"]), marker=".", color=colour, label=r["label"])
+        if r["steps_to_target"] is not None:
+            ax1.axvline(r["steps_to_target"], color=colour, lw=0.8, ls=":")
+    ax1.axhline(res["target"], color="gray", ls="--", lw=1, label=f"target (AdamW best) {res['target']:.3f}")
+    ax1.set_yscale("log")  # the race to the target happens in the tail
+    ax1.set(xlabel="step", ylabel="task validation loss (log scale)", title="fine-tuning: validation loss")
+    ax2.set(xlabel="step", ylabel="loss on held-out source prose", title="forgetting (higher = more)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("dirtune demo: one seed, one hand-chosen lr per method (not a tuned comparison)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False) -> dict:
+    """Run the demo into `out_dir`, print the table and the verdict, return the numbers.
+
+    Writes out_dir/{data, source_init, source, adamw, method}/, demo_loss.png and
+    demo_result.json (the returned dict).
+    """
+    started = time.perf_counter()
+    sizes = QUICK if quick else FULL
+    # the demo prints its own progress; transformers' per-file bars would bury it
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _run(Path(out_dir), seed, quick, sizes, started)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) -> dict:
+    from dirtune.bench.metrics import steps_to_target
+    from dirtune.data.synthetic import char_tokenizer, write_demo_data
+    from dirtune.train.config import load_config
+    from dirtune.train.runner import run_training
+
+    common = _common_overrides(out, seed)
+
+    files = write_demo_data(out / "data", seed=seed, n_people=sizes.n_people,
+                            n_source_train=sizes.n_source_train, n_source_valid=sizes.n_source_valid)
+    tokenizer = char_tokenizer()
+    _write_source_init(out / "source_init", sizes, tokenizer)
+
+    print(f"dirtune demo ({'quick' if quick else 'full'}, seed {seed}) -> {out}")
+    print(f"[1/3] pretraining a {sizes.layers}-layer, width-{sizes.hidden} LLaMA-2-architecture model "
+          f"from scratch on the world's prose ({sizes.source_steps} steps)", flush=True)
+    src_cfg = load_config(None, common + [
+        f"model.path={out / 'source_init'}", "model.from_scratch=true",
+        f"data.train_file={files['source_train']}", f"data.valid_file={files['source_valid']}",
+        "data.format=text", f"data.max_length={sizes.source_len}",
+        "optimizer.name=adamw", f"optimizer.lr={SOURCE_LR}", "optimizer.weight_decay=0.0",
+        f"train.output_dir={out / 'source'}", f"train.max_steps={sizes.source_steps}",
+        f"train.batch_size={sizes.batch_size}", f"train.eval_batch_size={2 * sizes.batch_size}",
+        f"train.eval_every={sizes.source_eval_every}", "train.warmup_steps=20",
+        "train.lr_scheduler=cosine",
+    ])
+    src = run_training(src_cfg)
+    src_curve, _ = _curves(out / "source")
+    source_model = src["best_checkpoint"]
+    source = {"dir": source_model, "untrained_valid_loss": src_curve[0][1] if src_curve else None,
+              "valid_loss": src["best_eval_loss"], "steps": src["final_step"], "curve": src_curve,
+              "wall_time_s": src["wall_time_s"]}
+    print(f"      source prose validation loss: {_fmt(source['untrained_valid_loss'], '.3f')} untrained -> "
+          f"{_fmt(source['valid_loss'], '.3f')} pretrained ({src['wall_time_s']:.0f} s)")
+
+    results: dict = {}
+    for i, (key, spec) in enumerate(METHODS.items(), start=2):
+        print(f"[{i}/3] fine-tuning on the task with {spec['label']} ({sizes.task_steps} steps)", flush=True)
+        cfg = load_config(None, common + [
+            f"model.path={source_model}",
+            f"data.train_file={files['task_train']}", f"data.valid_file={files['task_valid']}",
+            f"data.test_file={files['task_test']}", f"data.forget_file={files['source_valid']}",
+            "data.format=alpaca", "data.template=plain", "data.max_length=256",
+            f"train.output_dir={out / key}", f"train.max_steps={sizes.task_steps}",
+            f"train.batch_size={sizes.batch_size}", f"train.eval_batch_size={2 * sizes.batch_size}",
+            f"train.eval_every={sizes.task_eval_every}", "train.warmup_steps=10",
+            "train.lr_scheduler=cosine",
+        ] + spec["overrides"])
+        summary = run_training(cfg)
+        curve, forget_curve = _curves(out / key)
+        start, end = summary["forget_loss_start"], summary["forget_loss_end"]
+        results[key] = {
+            "label": spec["label"], "lr": cfg.optimizer.lr, "overrides": spec["overrides"],
+            "curve": curve, "forget_curve": forget_curve,
+            "best_eval_loss": summary["best_eval_loss"], "best_step": summary["best_step"],
+            "final_eval_loss": summary["final_eval_loss"], "final_step": summary["final_step"],
+            "test_loss": summary.get("test_loss"),
+            "forget_loss_start": start, "forget_loss_end": end,
+            "forgetting": None if start is None or end is None else end - start,
+            "wall_time_s": summary["wall_time_s"],
+        }
+
+    # method.md §3: the target is the baseline's best validation loss within the budget
+    target = results["adamw"]["best_eval_loss"]
+    for r in results.values():
+        r["steps_to_target"] = steps_to_target(r["curve"], target)
+    sa, sm = results["adamw"]["steps_to_target"], results["method"]["steps_to_target"]
+    result = {
+        "seed": seed, "quick": quick, "sizes": sizes.__dict__, "target": target,
+        "source": source, **results,
+        "speedup": sa / sm if sa is not None and sm else None,
+        "verdict": _verdict(results, target),
+        "note": "one seed, one hand-chosen learning rate per method: not a tuned comparison (dirtune bench is)",
+    }
+    result["wall_time_s"] = time.perf_counter() - started
+    _plot(result, out / "demo_loss.png")
+    (out / "demo_result.json").write_text(json.dumps(result, indent=2))
+
+    print()
+    print(_table(result))
+    print()
+    print(f"target = AdamW's best task validation loss; steps counted at evaluations every "
+          f"{sizes.task_eval_every} steps; forgetting = change of the loss on held-out source prose.")
+    print(result["verdict"])
+    print("Note: one seed and one hand-chosen learning rate per method: an illustration, not a tuned "
+          "comparison (that is `dirtune bench`).")
+    print(f"Wrote {out / 'demo_loss.png'} and {out / 'demo_result.json'} ({result['wall_time_s']:.0f} s).")
+    return result
