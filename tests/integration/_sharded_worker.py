@@ -8,6 +8,7 @@ both ranks agree); rank 0 writes {check: value} to OUT_JSON. The test module ass
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -186,13 +187,15 @@ def groups(model, turn: float, wd: float):
             {"params": flat, "weight_decay": 0.0, "direction_weight": 0.0}]
 
 
-def train(mesh, shard_it: bool, *, balance: str, turn: float, coupled: float, granularity: str,
-          wd: float, dtype: torch.dtype, steps: int = 4):
+def build(mesh, shard_it: bool, *, balance: str, turn: float, coupled: float, granularity: str,
+          wd: float, dtype: torch.dtype, anchor_dtype=None):
+    """Model, coupled penalty and optimizer in the order Trainer builds them under FSDP2: the
+    optimizer on whole weights, then fully_shard, then the optimizer's params swapped."""
     model = tiny_llama(dtype)
     penalty = (DirectionPenalty(model, coupled, granularity=granularity, reference_dtype=None)
                if coupled else None)
     opt = BalancedAdamW(groups(model, turn, wd), lr=1e-2, anchor="init", balance=balance,
-                        granularity=granularity, anchor_dtype=None, foreach=False)
+                        granularity=granularity, anchor_dtype=anchor_dtype, foreach=False)
     if shard_it:
         names = {id(p): n for n, p in model.named_parameters()}
         for layer in model.model.layers:
@@ -201,9 +204,13 @@ def train(mesh, shard_it: bool, *, balance: str, turn: float, coupled: float, gr
         new = dict(model.named_parameters())
         for g in opt.param_groups:  # what accelerate's fsdp2_switch_optimizer_parameters does
             g["params"] = [new[names[id(p)]] for p in g["params"]]
+    return model, penalty, opt
+
+
+def run_steps(model, penalty, opt, steps, shard_it: bool):
     rank, world = dist.get_rank(), dist.get_world_size()
     pen_values = []
-    for step in range(steps):
+    for step in steps:
         ids = torch.randint(0, 131, (4, 16), generator=torch.Generator().manual_seed(step))
         if shard_it:  # each rank its half of the global batch; FSDP2 averages the gradients
             ids = ids.chunk(world)[rank]
@@ -215,9 +222,71 @@ def train(mesh, shard_it: bool, *, balance: str, turn: float, coupled: float, gr
         loss.backward()
         opt.step()
         opt.zero_grad()
-    params = {n: (p.full_tensor() if sharded.is_dtensor(p) else p).detach().clone()
-              for n, p in model.named_parameters()}
-    return params, pen_values, opt
+    return pen_values
+
+
+def full_params(model) -> dict:
+    return {n: (p.full_tensor() if sharded.is_dtensor(p) else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def train(mesh, shard_it: bool, steps: int = 4, **kw):
+    model, penalty, opt = build(mesh, shard_it, **kw)
+    pen_values = run_steps(model, penalty, opt, range(steps), shard_it)
+    return full_params(model), pen_values, opt
+
+
+def check_checkpoint(mesh) -> None:
+    """Save after 2 steps, load into a fresh model and optimizer prepared as Trainer prepares
+    them (optimizer built, then sharded and swapped), continue: the same weights as without the
+    interruption. As accelerate does for FSDP2: SHARDED_STATE_DICT through dcp.save/dcp.load
+    into the fresh optimizer's own state dict as template; FULL_STATE_DICT gathered, through
+    torch.save/torch.load(weights_only=True), then distributed."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    kw = dict(balance="scale", turn=5.0, coupled=0.0, granularity="tensor", wd=0.1, dtype=F64,
+              anchor_dtype=torch.bfloat16)
+    folder = os.path.join(os.path.dirname(sys.argv[4]), "dcp")
+    for full in (False, True):
+        # accelerate's FULL_STATE_DICT: gathered to rank 0's CPU, broadcast from it on loading
+        options = StateDictOptions(full_state_dict=full, cpu_offload=full, broadcast_from_rank0=full)
+        model, _, opt = build(mesh, True, **kw)
+        run_steps(model, None, opt, range(2), True)
+        if full:
+            buf = io.BytesIO()
+            torch.save({"model": get_model_state_dict(model, options=options),
+                        "optimizer": get_optimizer_state_dict(model, opt, options=options)}, buf)
+        else:
+            dcp.save({"model": get_model_state_dict(model, options=options),
+                      "optimizer": get_optimizer_state_dict(model, opt, options=options)},
+                     checkpoint_id=folder)
+        run_steps(model, None, opt, range(2, 4), True)
+        fresh, _, opt2 = build(mesh, True, **kw)
+        if full:
+            buf.seek(0)
+            saved = torch.load(buf, weights_only=True)
+        else:  # templates from the fresh model and optimizer, filled in place
+            saved = {"model": get_model_state_dict(fresh, options=options),
+                     "optimizer": get_optimizer_state_dict(fresh, opt2, options=options)}
+            dcp.load(saved, checkpoint_id=folder)
+        set_model_state_dict(fresh, saved["model"], options=options)
+        set_optimizer_state_dict(fresh, opt2, saved["optimizer"], options=options)
+        run_steps(fresh, None, opt2, range(2, 4), True)
+        a, b = full_params(model), full_params(fresh)
+        name = "checkpoint_" + ("full" if full else "sharded")
+        record(name, max(diff(a[n], b[n]) for n in a))
+        anchors = [s["anchor"] for s in opt2.state.values()]
+        RESULTS[name + "_anchors_kept"] = float(
+            all(sharded.is_dtensor(x) and x.dtype == torch.bfloat16 for x in anchors))
 
 
 def check_training(mesh) -> None:
@@ -251,12 +320,14 @@ def check_training(mesh) -> None:
 
 def main() -> None:
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    faulthandler.dump_traceback_later(int(os.environ.get("WORKER_TIMEOUT", "150")), exit=True)  # a hang in a collective shows where
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     started = time.perf_counter()
     try:
-        for check in (check_reductions, check_penalty, check_refusals, check_optimizer, check_training):
+        for check in (check_reductions, check_penalty, check_refusals, check_optimizer, check_training,
+                      check_checkpoint):
             t0 = time.perf_counter()
             check(mesh)
             RESULTS[f"seconds_{check.__name__}"] = round(time.perf_counter() - t0, 2)

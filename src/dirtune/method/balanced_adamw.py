@@ -65,13 +65,29 @@ def _check_options(o: dict[str, Any]) -> None:
         raise ValueError(f"Invalid direction_weight: {dw!r}; expected a float >= 0")
     if o["granularity"] not in GRANULARITIES:
         raise ValueError(f"Invalid granularity: {o['granularity']!r}; expected one of {GRANULARITIES}")
-    if o["anchor_dtype"] is not None and not (
-            isinstance(o["anchor_dtype"], torch.dtype) and o["anchor_dtype"].is_floating_point):
+    dt = _as_dtype(o["anchor_dtype"])
+    if o["anchor_dtype"] is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
         raise ValueError(f"Invalid anchor_dtype: {o['anchor_dtype']!r}; expected a floating torch.dtype or None")
     if o["anchor_device"] not in (None, "cpu"):
         raise ValueError(f"Invalid anchor_device: {o['anchor_device']!r}; expected None or 'cpu'")
     if o["foreach"] and o["fused"]:
         raise ValueError("Invalid foreach/fused: both True; pick one")
+
+
+def _as_dtype(value: Any) -> Any:
+    """A torch.dtype from a dtype or its name as groups store it ("torch.bfloat16"); anything
+    else is returned for the ladder to refuse."""
+    if isinstance(value, str) and value.startswith("torch."):
+        found = getattr(torch, value[len("torch."):], None)
+        return found if isinstance(found, torch.dtype) else value
+    return value
+
+
+def _dtype_name(value: Any) -> Any:
+    """Groups keep anchor_dtype by name: torch.distributed.checkpoint gathers a full optimizer
+    state dict (FSDP's FULL_STATE_DICT) only through plain values, and a torch.dtype is not one."""
+    value = _as_dtype(value)
+    return str(value) if isinstance(value, torch.dtype) else value
 
 
 def _normalise_device(device: Any) -> Any:
@@ -163,7 +179,8 @@ class BalancedAdamW(Optimizer):
             state so a resumed run is exact), "selective" (decay only when <g_i, θ_i − a_i> > 0).
         direction_weight: λ_dir of the decoupled turn; 0 disables it. Needs λ_dir > 0 when the
             group is added if anchor ≠ "init", because that is when the reference is copied.
-        anchor_dtype: dtype of anchors and references (None: the parameter's dtype).
+        anchor_dtype: dtype of anchors and references (None: the parameter's dtype); groups
+            keep it by name ("torch.bfloat16"), which a distributed checkpoint can gather.
         foreach: True for torch._foreach_* kernels, False for the per-tensor loop, None for
             foreach when every parameter is on CUDA.
         anchor_device: None (beside each parameter) or "cpu": saves accelerator memory but
@@ -196,6 +213,7 @@ class BalancedAdamW(Optimizer):
                         foreach=foreach, anchor_device=_normalise_device(anchor_device),
                         granularity=granularity, fused=fused)
         _check_options(defaults)
+        defaults["anchor_dtype"] = _dtype_name(anchor_dtype)
         if fused:
             _fused_impl()  # fail now, not at the first step, if the kernel module is missing
         super().__init__(params, defaults)
@@ -205,6 +223,8 @@ class BalancedAdamW(Optimizer):
         if "anchor_device" in param_group:
             param_group["anchor_device"] = _normalise_device(param_group["anchor_device"])
         _check_options({**self.defaults, **param_group})
+        if "anchor_dtype" in param_group:
+            param_group["anchor_dtype"] = _dtype_name(param_group["anchor_dtype"])
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)  # a generator is read once
         param_group["params"] = params
@@ -221,7 +241,7 @@ class BalancedAdamW(Optimizer):
     def _snapshot(self, group: dict[str, Any], only: list[Tensor] | None = None) -> None:
         """Copy anchors and references of `only` (default: every parameter of the group), then
         the group's balance scales (over all of its parameters)."""
-        anchor, device, dtype = group["anchor"], group["anchor_device"], group["anchor_dtype"]
+        anchor, device, dtype = group["anchor"], group["anchor_device"], _as_dtype(group["anchor_dtype"])
         if any(sharded.is_flat_partition(p) for p in group["params"]):
             # ZeRO-3 partitions: p.data is empty here; elementwise options are adopted at step 1
             _refuse_flat(group, "parameters partitioned by DeepSpeed ZeRO (ds_id) were given")
@@ -243,6 +263,7 @@ class BalancedAdamW(Optimizer):
             group.setdefault("anchor_device", None)
             group.setdefault("granularity", "row")
             group.setdefault("fused", None)
+            group["anchor_dtype"] = _dtype_name(group.get("anchor_dtype"))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch, but keep anchors and references in their own dtype and at their home.
@@ -261,6 +282,8 @@ class BalancedAdamW(Optimizer):
         state_dict["state"] = rest
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a state saved before groups kept the dtype by name
+            group["anchor_dtype"] = _dtype_name(group.get("anchor_dtype"))
         owners = [(p, g) for g in self.param_groups for p in g["params"]]
         for pid, (p, group) in zip(saved_ids, owners, strict=True):
             for key, value in kept.get(pid, {}).items():
@@ -270,13 +293,13 @@ class BalancedAdamW(Optimizer):
                 self.state[p][key] = _store(value, p, group["anchor_device"], value.dtype)
 
     @torch.no_grad()
-    def _adopt_new_params(self) -> None:
+    def _adopt_new_params(self, with_moments: bool = False) -> None:
         """Take anchors, references and balance scales for parameters swapped into the groups
         after construction (not in the state): accelerate's FSDP2 preparation replaces every
         parameter by its DTensor shard this way, DeepSpeed ZeRO by flat partitions. Their value
         now, before their first step, is the pretrained one. State of parameters that left the
-        groups is dropped (it would keep the unsharded anchors alive)."""
-        live = {id(p) for g in self.param_groups for p in g["params"]}
+        groups is dropped (it would keep the unsharded anchors alive). `with_moments` also
+        creates the (zero) moments that the first step would create."""
         fresh = [[p for p in g["params"] if p not in self.state] for g in self.param_groups]
         if not any(fresh):
             return
@@ -288,11 +311,36 @@ class BalancedAdamW(Optimizer):
                 _refuse_flat(group, f"{len(flat)} 1-D parameter(s) of shape(s) "
                              f"{sorted({tuple(p.shape) for p in flat})[:3]} were swapped into the "
                              "optimizer after construction, as DeepSpeed ZeRO's flat partitions are")
-        for key in [k for k in self.state if id(k) not in live]:
-            del self.state[key]
+        self._drop_stale_state()
         for group, new in zip(self.param_groups, fresh):
             if new:
                 self._snapshot(group, only=new)
+            for p in new if with_moments else ():
+                self._init_moments(p)
+
+    def _drop_stale_state(self) -> None:
+        """Forget the state of tensors that are no longer in any group (a wrapper swapped them
+        out): it holds their whole-size anchors, and torch's state_dict cannot name them."""
+        live = {id(p) for g in self.param_groups for p in g["params"]}
+        for key in [k for k in self.state if id(k) not in live]:
+            del self.state[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, after adopting swapped-in parameters with their full state.
+
+        A checkpoint loader may ask for the state of a freshly prepared optimizer as a template
+        (torch.distributed.checkpoint under FSDP2 does, before any step): every parameter must
+        then have its entries, or the loaded state would silently be dropped."""
+        self._drop_stale_state()
+        self._adopt_new_params(with_moments=True)
+        return super().state_dict()
+
+    def _init_moments(self, p: Tensor) -> None:
+        state = self.state[p]
+        if "step" not in state:  # lazy, like torch; the step counter stays on the host
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _init_group(
         self,
@@ -312,11 +360,8 @@ class BalancedAdamW(Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise ValueError("Invalid gradient: sparse gradients are not supported by BalancedAdamW")
+            self._init_moments(p)
             state = self.state[p]
-            if "step" not in state:  # lazy, like torch; the step counter stays on the host
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["anchor_device"] is None:  # anchors follow their parameter, e.g. after model.to("cuda")
                 for key in _ANCHOR_KEYS:
                     if key in state and state[key].device != p.device:
