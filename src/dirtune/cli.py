@@ -105,7 +105,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     from dirtune.bench.grid import run_bench
 
     cfg = load_bench_config(a.config, a.overrides)
-    run_bench(cfg, a.out or cfg.output_dir, resume=not a.fresh)
+    run_bench(cfg, a.out or cfg.output_dir, resume=not a.fresh, report_only=a.report_only)
     return 0
 
 
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*")
     b.add_argument("--out", help="results folder (default: output_dir of the bench file)")
     b.add_argument("--fresh", action="store_true", help="redo runs that already finished")
+    b.add_argument("--report-only", action="store_true", help="run nothing; report on the runs already there")
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -224,20 +224,23 @@ def _finished(run: Path, metric: Optional[dict]) -> bool:
 
 
 def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool = True, *,
-              entry: str = DEFAULT_ENTRY) -> dict:
+              entry: str = DEFAULT_ENTRY, report_only: bool = False) -> dict:
     """Run the bench (phase 1, phase 2), write out_dir/{bench.yaml, commit.txt, report.md,
     summary.json, *.png}, and return the results (the input of report.write_report).
 
     `entry` ("module:function") is the training entry the workers call; tests point it at a fake.
     `resume`: keep runs that already finished; False redoes every run once.
+    `report_only`: run nothing; report on the runs already in out_dir (a bench cut short by a
+    time limit), keeping its bench.yaml and commit.txt; missing runs count as not finished.
     """
     from dirtune.bench.report import write_report
 
     out = Path(out_dir or cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(out)
-    cfg.dump(out / "bench.yaml")
-    (out / "commit.txt").write_text(_commit())
+    if not report_only or not (out / "commit.txt").exists():
+        cfg.dump(out / "bench.yaml")
+        (out / "commit.txt").write_text(_commit())
     pairs = {p.name: p for p in cfg.pairs}
     redone: set[Path] = set()  # runs made during this call: phase 2 reuses them even if not resume
 
@@ -250,6 +253,8 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool 
 
     def submit(runner: _Runner, jobs: list[dict]) -> None:
         todo = [j for j in jobs if not (j["resume"] and _finished(Path(j["run_dir"]), j["metric"]))]
+        if report_only:
+            todo = []
         runner.skip(len(jobs) - len(todo))
         runner.run(todo)
         redone.update(Path(j["run_dir"]) for j in todo)
