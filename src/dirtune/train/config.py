@@ -239,7 +239,9 @@ def _parse_scalar(text: str) -> Any:
     """A command-line value: YAML scalar rules, so 1e-4, true, null and [a, b] all work."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    # PyYAML raises ValueError/AttributeError (not YAMLError) for e.g. an impossible date
+    # "2020-13-45" or "!!int x": the value is then taken as the literal text.
+    except (yaml.YAMLError, ValueError, AttributeError):
         return text
 
 
@@ -336,6 +338,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}:{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        except (ValueError, AttributeError) as e:
+            raise ConfigError(f"{p}: a value is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections "
                               f"({', '.join(f.name for f in dataclasses.fields(Config))})")

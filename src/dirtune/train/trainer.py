@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer
 
 from dirtune.method.balanced_adamw import BalancedAdamW
-from dirtune.train.config import Config
+from dirtune.train.config import Config, ConfigError
 from dirtune.train.faults import AtomicCheckpoints
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,7 +57,7 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
             else:
                 add("other_matrices", p, weight_decay=opt.weight_decay, direction_weight=0.0)
     if not groups:
-        raise ValueError("no trainable parameters: check finetune.type and finetune.lora_targets")
+        raise ConfigError("no trainable parameters: check finetune.type and finetune.lora_targets")
     return list(groups.values())
 
 

@@ -102,9 +102,6 @@ def test_bad_overrides_name_the_override(overrides, message):
 YAML_VALUE_ERRORS = ["2020-13-45", "2021-02-30 10:00:00", "!!int x", "!!float y", "0x_"]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="config.py: yaml.safe_load raises ValueError (not YAMLError) for impossible dates "
-                          "and tagged scalars; _parse_scalar and load_config should turn it into ConfigError")
 @pytest.mark.parametrize("value", YAML_VALUE_ERRORS)
 def test_impossible_yaml_scalars_are_config_errors(tmp_path, value):
     try:
