@@ -56,5 +56,5 @@ def test_source_model_learned(demo):
 def test_prints_the_table_and_verdict(demo):
     _, result, printed = demo
     assert "steps to target" in printed and "AdamW" in printed
-    assert result["verdict"] in printed
+    assert result["verdict"] in printed and result["forgetting_verdict"] in printed
     assert "not a tuned comparison" in printed
