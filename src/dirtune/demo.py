@@ -42,7 +42,8 @@ class DemoSizes:
     batch_size: int
 
 
-# Measured on 2 CPU cores: FULL runs in well under 3 minutes, QUICK in well under 40 s.
+# `time dirtune demo` on an idle 2-core machine: FULL 74 s, QUICK 9 s (the budgets are 3 min and
+# 40 s); processes competing for the cores stretch this several times.
 FULL = DemoSizes(n_people=48, n_source_train=1500, n_source_valid=60, hidden=96, layers=3,
                  source_steps=300, source_len=256, source_eval_every=100,
                  task_steps=150, task_eval_every=10, batch_size=16)
@@ -53,8 +54,9 @@ QUICK = DemoSizes(n_people=24, n_source_train=400, n_source_valid=30, hidden=64,
 # One learning rate per method, each the one with the lowest best validation loss of a grid
 # {3e-4, 1e-3, 3e-3, 1e-2} run once offline on the FULL demo, seed 0 (AdamW: 1e-3, the method:
 # 3e-3). Not swept per run: that is what `dirtune bench` does, with several seeds.
-# Decay and turn strengths: eta*lambda = 0.03 pull toward the pretrained weights per step and a
-# turn of eta*lambda_dir = 0.03 of the angle to them per step, at the peak learning rate.
+# Decay and turn strengths at the peak learning rate: a pull of eta*lambda*b_i = 0.03*b_i of the
+# way back to the pretrained weights per step (b_i ~ 1, the scale balance) and a turn of about
+# eta*lambda_dir = 0.03 of the angle to their direction per step.
 SOURCE_LR = 3e-3
 NOTE = ("one seed and one fixed learning rate per method: an illustration, not a tuned comparison "
         "(that is `dirtune bench`)")
@@ -131,6 +133,7 @@ def _verdict(res: dict, target: float) -> str:
 
 
 def _forgetting_verdict(res: dict) -> str:
+    """The plain sentence about forgetting: the rise of the source-prose loss of each run."""
     fa, fm = res["adamw"]["forgetting"], res["method"]["forgetting"]
     if fa is None or fm is None:
         return "Forgetting was not measured."
@@ -166,6 +169,7 @@ def _plot(res: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, colour in (("adamw", "tab:blue"), ("method", "tab:red")):
@@ -178,6 +182,9 @@ def _plot(res: dict, path: Path) -> None:
             ax1.axvline(r["steps_to_target"], color=colour, lw=0.8, ls=":")
     ax1.axhline(res["target"], color="gray", ls="--", lw=1, label=f"target (AdamW best) {res['target']:.3f}")
     ax1.set_yscale("log")  # the race to the target happens in the tail
+    plain = FuncFormatter(lambda y, _: f"{y:g}")
+    ax1.yaxis.set_major_formatter(plain)
+    ax1.yaxis.set_minor_formatter(plain)
     ax1.set(xlabel="step", ylabel="task validation loss (log scale)", title="fine-tuning: validation loss")
     ax2.set(xlabel="step", ylabel="loss on held-out source prose", title="forgetting (higher = more)")
     for ax in (ax1, ax2):
