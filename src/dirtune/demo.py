@@ -42,7 +42,7 @@ class DemoSizes:
     batch_size: int
 
 
-# `time dirtune demo` on an idle 2-core machine: FULL 74 s, QUICK 9 s (the budgets are 3 min and
+# `time dirtune demo` on an idle 2-core machine: FULL 62-74 s, QUICK 9 s (budgets: 3 min and
 # 40 s); processes competing for the cores stretch this several times.
 FULL = DemoSizes(n_people=48, n_source_train=1500, n_source_valid=60, hidden=96, layers=3,
                  source_steps=300, source_len=256, source_eval_every=100,
