@@ -1,9 +1,14 @@
-"""The method under sharding, on CPU with 2 processes over gloo (tests/integration/_sharded_worker.py).
+"""The method under sharding, on CPU with 2 processes over gloo.
 
-FSDP2's `fully_shard` runs on CPU with gloo in the installed torch, so the sharded runs are
-real FSDP2: DTensor parameters sharded by rows (uneven shards included), the optimizer's
-parameters swapped for the shards after construction as accelerate does. Each check compares
-with the same computation on whole tensors; the worker reports the largest difference.
+1. tests/integration/_sharded_worker.py: FSDP2's `fully_shard` runs on CPU with gloo in the
+   installed torch, so the sharded runs are real FSDP2: DTensor parameters sharded by rows
+   (uneven shards included), the optimizer's parameters swapped for the shards after
+   construction as accelerate does. Each check compares with the same computation on whole
+   tensors; the worker reports the largest difference.
+2. `dirtune train` itself on 2 processes (torchrun, what `accelerate launch` runs): accelerate
+   shards with FSDP only on accelerators, so on CPU Trainer runs data-parallel (DDP); the run
+   folder is written once and the trained weights equal a 1-process run on the same batches.
+Both start together (the machine waits mostly on imports), each test waits for its part.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ if not dist.is_available():
 
 WORKER = Path(__file__).with_name("_sharded_worker.py")
 WORLD = 2
+TIMEOUT = 180
 
 
 def _free_port() -> int:
@@ -31,39 +37,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_worker(out: Path) -> tuple[list, list[str]]:
+def _start_worker(out: Path) -> list:
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
+    return [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for r in range(WORLD)]
+
+
+def _wait(procs: list, what: str) -> list[str]:
     logs = []
     for p in procs:
         try:
-            logs.append(p.communicate(timeout=180)[0])
+            logs.append(p.communicate(timeout=TIMEOUT)[0])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("the 2-process worker did not finish in 180 s")
-    return procs, logs
+            pytest.fail(f"{what} did not finish in {TIMEOUT} s")
+    return logs
+
+
+def _train_overrides(ckpt: Path, files: dict, out: Path, batch_size: int) -> list[str]:
+    # full fine-tuning with the method: scale-balanced anchored decay and the decoupled turn
+    return [f"model.path={ckpt}", f"data.train_file={files['task_train']}",
+            f"data.valid_file={files['task_valid']}", "data.max_length=128", "data.max_eval_samples=16",
+            f"train.output_dir={out}", f"train.batch_size={batch_size}", "train.eval_batch_size=8",
+            "train.max_steps=6", "train.eval_every=3", "train.progress=false", "train.report_to=[none]",
+            "train.device=cpu", "train.drift_every=2", "train.max_grad_norm=0", "finetune.type=full",
+            "optimizer.name=balanced_adamw", "optimizer.lr=3e-3", "optimizer.weight_decay=0.1",
+            "optimizer.anchor_dtype=fp32", "method.penalty=decoupled", "method.direction_weight=1",
+            "method.reference_dtype=fp32"]
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    """Runs the worker once on 2 processes; every test below reads its report."""
-    out = tmp_path_factory.mktemp("sharded") / "results.json"
-    procs, logs = _run_worker(out)
-    if any(p.returncode for p in procs) and any("ddress already in use" in log for log in logs):
-        procs, logs = _run_worker(out)  # the free port was taken meanwhile: once more
+def started(tmp_path_factory, tiny_checkpoint, task_files) -> dict:
+    """Starts the FSDP2 worker and a 2-process `dirtune train`; returns their handles."""
+    work = tmp_path_factory.mktemp("distributed")
+    (work / "run.yaml").write_text("{}\n")
+    out = work / "results.json"
+    train = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}",
+         f"--master-port={_free_port()}", "-m", "dirtune.cli", "train", str(work / "run.yaml"),
+         *_train_overrides(tiny_checkpoint, task_files, work / "two", batch_size=2)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    return {"work": work, "out": out, "worker": _start_worker(out), "train": train}
+
+
+@pytest.fixture(scope="module")
+def results(started) -> dict:
+    """The FSDP2 worker's report; the tests of sections 1-3 read it."""
+    out = started["out"]
+    logs = _wait(started["worker"], "the 2-process worker")
+    if any(p.returncode for p in started["worker"]) and any("ddress already in use" in g for g in logs):
+        started["worker"] = _start_worker(out)  # the free port was taken meanwhile: once more
+        logs = _wait(started["worker"], "the 2-process worker")
     errors = [Path(f"{out}.rank{r}") for r in range(WORLD) if Path(f"{out}.rank{r}").exists()]
     if errors:
         pytest.fail("\n".join(json.loads(e.read_text())["error"] for e in errors))
-    if any(p.returncode for p in procs) or not out.exists():
-        pytest.fail("worker failed:\n" + "\n".join(log[-3000:] for log in logs))
+    if any(p.returncode for p in started["worker"]) or not out.exists():
+        pytest.fail("worker failed:\n" + "\n".join(g[-3000:] for g in logs))
     return json.loads(out.read_text())
 
 
-# --- the sharded reductions, directly on DTensors ---------------------------------------------
+# --- 1. the sharded reductions, directly on DTensors ------------------------------------------
 
 
 def test_local_rows_follow_dtensor_layout_including_empty_shards(results):
@@ -103,7 +140,7 @@ def test_optimizer_on_dtensors_equals_unsharded(results, mode):
     assert results[f"optimizer_{mode}"] < 1e-12
 
 
-# --- a tiny LLaMA, FSDP2-sharded, against one process on the same global batch ----------------
+# --- 2. a tiny LLaMA, FSDP2-sharded, against one process on the same global batch -------------
 
 SCENARIOS = ["scale_turn_row", "selective_turn_tensor", "coupled_row", "coupled_tensor"]
 
@@ -124,6 +161,9 @@ def test_sharded_training_equals_single_process_fp32(results):
     assert results["train_scale_turn_row_f32"] < 1e-5
 
 
+# --- 3. checkpoints --------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("kind", ["sharded", "full"])
 def test_checkpoint_round_trip_as_accelerate_saves_fsdp2(results, kind):
     """SHARDED_STATE_DICT (dcp.save/dcp.load into the fresh optimizer's template) and
@@ -131,3 +171,44 @@ def test_checkpoint_round_trip_as_accelerate_saves_fsdp2(results, kind):
     step 2 gives the uninterrupted weights, with the anchors still sharded and in bf16."""
     assert results[f"checkpoint_{kind}"] < 1e-12
     assert results[f"checkpoint_{kind}_anchors_kept"] == 1.0
+
+
+# --- 4. `dirtune train` on 2 processes ---------------------------------------------------------
+
+
+def _final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    (path,) = (run / "final").glob("*.safetensors")
+    return load_file(path)
+
+
+def test_dirtune_train_on_two_processes_equals_one(started, tiny_checkpoint, task_files):
+    from dirtune.train.config import load_config
+    from dirtune.train.run_folder import read_metrics
+    from dirtune.train.runner import run_training
+
+    work = started["work"]
+    # the reference runs here while the 2-process run works: 4 examples per step either way
+    one = run_training(load_config(None, _train_overrides(tiny_checkpoint, task_files, work / "one", 4)))
+    (log,) = _wait([started["train"]], "the 2-process dirtune train")
+    assert started["train"].returncode == 0, log[-3000:]
+    two = json.loads((work / "two" / "summary.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert len(two["step_times_s"]) == 6
+    manifest = json.loads((work / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    # written once: the same records as one process (no duplicate lines from rank 1)
+    train = [[r for r in read_metrics(work / run / "metrics.jsonl") if r["kind"] == "train"]
+             for run in ("one", "two")]
+    assert [r["step"] for r in train[1]] == [r["step"] for r in train[0]] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in train[1]] == pytest.approx([r["loss"] for r in train[0]], abs=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = _final_weights(work / "one"), _final_weights(work / "two")
+    (first,) = tiny_checkpoint.glob("*.safetensors")
+    init = load_file(first)
+    assert set(a) == set(b) == set(init)
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3   # trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5      # identically
+    assert (work / "two" / "checkpoint-6").is_dir() and not list((work / "two").glob(".*checkpoint*"))

@@ -307,6 +307,8 @@ class AtomicCheckpoints:
         if distributed:  # sharded optimizer states are written by every rank
             self.accelerator.wait_for_everyone()
         if not self.args.should_save:
+            if distributed:  # the main process's last barrier, after publishing
+                self.accelerator.wait_for_everyone()
             return
         written, final = staging / name, run_dir / name
         best = self.state.best_model_checkpoint

@@ -22,7 +22,7 @@ from dirtune.data import build_datasets, collate
 from dirtune.models.direction import DirectionPenalty
 from dirtune.models.loading import check_tokenizer_matches, count_parameters, load_model, load_tokenizer
 from dirtune.models.lora import apply_lora, prepare_full_finetune
-from dirtune.train import run_folder
+from dirtune.train import distributed, run_folder
 from dirtune.train.callbacks import DriftMeter, EvalRecorder, FaultGuard, Progress
 from dirtune.train.config import Config
 from dirtune.train.faults import save_model_atomically
@@ -116,24 +116,29 @@ def run_training(cfg: Config) -> dict:
     """Train per `cfg`; write the run folder; return the summary (also in summary.json)."""
     started = time.perf_counter()
     _select_device(cfg.train.device)
-    out, resume_ckpt = run_folder.resolve(cfg)  # refuses a used folder; writes nothing yet
-    set_seed(cfg.train.seed)
+    # several processes (accelerate launch): all train, the main one alone writes the folder
+    is_main, world = distributed.processes(cfg)
+    out, resume_ckpt = distributed.on_main(lambda: run_folder.resolve(cfg), is_main, world)
+    set_seed(cfg.train.seed)  # the same on every process: the same initial weights
     transformers.logging.set_verbosity_error()
 
     model, tokenizer = build_model(cfg)
     data = build_datasets(cfg.data, tokenizer)
-    print(data.summary(), file=sys.stderr)
+    if is_main:
+        print(data.summary(), file=sys.stderr)
     penalty = build_penalty(model, cfg)
     # Only now, with the model, the data and the method checked, touch the folder: a typo in
     # the config or a bad record never costs the run already there.
-    run_folder.claim(out, resume_ckpt)
-    run_folder.write_manifest(out, cfg, data.data_files,
-                              {"parameters": count_parameters(model), "data": data.stats})
+    if is_main:
+        run_folder.claim(out, resume_ckpt)
+        run_folder.write_manifest(out, cfg, data.data_files,
+                                  {"parameters": count_parameters(model), "data": data.stats,
+                                   "world_size": world})
 
     resume_step = None
     if resume_ckpt is not None:
         resume_step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
-    log = run_folder.MetricsLog(out / "metrics.jsonl", resume_step)
+    log = run_folder.MetricsLog(out / "metrics.jsonl", resume_step) if is_main else distributed.Unlogged()
     extra: dict = {}
     evals = {}
     if data.forget is not None and data.valid is not None:
@@ -158,6 +163,8 @@ def run_training(cfg: Config) -> dict:
     trainer.add_callback(Progress(cfg.train.progress))
     if penalty is not None and cfg.train.drift_every > 0:
         trainer.add_callback(DriftMeter(penalty.angles, cfg.train.drift_every, extra))
+    clock = distributed.StepClock()
+    trainer.add_callback(clock)
 
     try:
         trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
@@ -173,7 +180,10 @@ def run_training(cfg: Config) -> dict:
     records = log.read()
     summary = summarise(records, cfg, recorder.target_step, trainer, test_loss)
     summary.update(wall_time_s=time.perf_counter() - started, interrupted=guard.interrupted,
-                   skipped_steps=guard.skipped, data=data.stats, final_model=str(final) if final else None)
+                   skipped_steps=guard.skipped, data=data.stats, final_model=str(final) if final else None,
+                   **distributed.timing_summary(clock, world))
+    if not is_main:
+        return summary
     if guard.interrupted is None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
