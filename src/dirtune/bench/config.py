@@ -22,7 +22,7 @@ from typing import Literal, Optional
 import yaml
 
 from dirtune.train.config import (
-    Config, ConfigError, TrainConfig, _build, _f, apply_overrides, from_dict,
+    Config, ConfigError, TrainConfig, _build, _f, apply_overrides, from_dict, read_yaml,
 )
 
 
@@ -172,7 +172,7 @@ def run_config(cfg: BenchConfig, pair: PairSpec, method: MethodSpec, lr: float, 
     """The train Config of one run: base YAML, bench/pair/method overrides, then the owned keys."""
     data: dict = {}
     if cfg.base:
-        data = yaml.safe_load(Path(cfg.base).read_text(encoding="utf-8")) or {}
+        data = read_yaml(cfg.base, "base train config")
     # resume/overwrite: the bench decides per run (grid.execute) whether to continue or restart
     owned = [f"optimizer.lr={lr!r}", f"train.seed={seed}", f"train.output_dir={output_dir}",
              "train.target_loss=null", "train.progress=false", "train.resume=null",
@@ -191,14 +191,7 @@ def run_config(cfg: BenchConfig, pair: PairSpec, method: MethodSpec, lr: float, 
 def load_bench_config(path: str | Path, overrides: list[str] | None = None) -> BenchConfig:
     """Read a bench YAML, apply top-level `key=value` overrides (e.g. jobs=4), validate."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: bench file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = read_yaml(p, "bench file")
     if isinstance(data, dict):
         apply_overrides(data, overrides or [])
     return bench_from_dict(data, str(p), p.parent)

@@ -322,28 +322,33 @@ def from_dict(data: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Parse a YAML file; every way it can fail is a ConfigError naming the file (and line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} not found")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except (ValueError, AttributeError) as e:  # PyYAML's constructors, e.g. an impossible date
+        raise ConfigError(f"{p}: a value is not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or start from defaults), apply overrides, validate."""
-    data: dict = {}
+    data: Any = {}
     source = "command line"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}:{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
-        except (ValueError, AttributeError) as e:
-            raise ConfigError(f"{p}: a value is not valid YAML: {e}") from None
+        data = read_yaml(path)
         if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections "
+            raise ConfigError(f"{path}: the top level must be a mapping of sections "
                               f"({', '.join(f.name for f in dataclasses.fields(Config))})")
-        source = str(p)
+        source = str(path)
     apply_overrides(data, overrides or [])
     return from_dict(data, source)
 
