@@ -318,6 +318,25 @@ def check_training(mesh) -> None:
             and all(sharded.is_dtensor(s["anchor"]) for s in states))
 
 
+def check_fault_guard(mesh) -> None:
+    """A NaN in one rank's gradient shard: every rank skips the step (else the ranks part ways)."""
+    from types import SimpleNamespace
+
+    from dirtune.train.callbacks import FaultGuard
+    from dirtune.train.distributed import Unlogged
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+    fully_shard(model, mesh=mesh)
+    model(torch.randn(2, 4)).sum().backward()
+    if dist.get_rank() == 1:
+        model[0].weight.grad.to_local()[0, 0] = float("nan")
+    guard = FaultGuard("skip", Unlogged(), lambda: torch.tensor(1.0))
+    guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None, model=model)
+    skipped = all(p.grad is None for p in model.parameters()) and guard.skipped == 1
+    record("fault_guard_not_skipped", 0.0 if skipped else 1.0)
+
+
 def main() -> None:
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     faulthandler.dump_traceback_later(int(os.environ.get("WORKER_TIMEOUT", "150")), exit=True)  # a hang in a collective shows where
@@ -327,7 +346,7 @@ def main() -> None:
     started = time.perf_counter()
     try:
         for check in (check_reductions, check_penalty, check_refusals, check_optimizer, check_training,
-                      check_checkpoint):
+                      check_checkpoint, check_fault_guard):
             t0 = time.perf_counter()
             check(mesh)
             RESULTS[f"seconds_{check.__name__}"] = round(time.perf_counter() - t0, 2)

@@ -173,6 +173,10 @@ def test_checkpoint_round_trip_as_accelerate_saves_fsdp2(results, kind):
     assert results[f"checkpoint_{kind}_anchors_kept"] == 1.0
 
 
+def test_a_nan_in_one_shard_makes_every_process_skip(results):
+    assert results["fault_guard_not_skipped"] == 0.0
+
+
 # --- 4. `dirtune train` on 2 processes ---------------------------------------------------------
 
 

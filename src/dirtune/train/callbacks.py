@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import time
@@ -12,6 +11,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from dirtune.method import sharded
+from dirtune.train.distributed import any_process
 from dirtune.train.faults import NonFiniteError  # noqa: F401  (raised here; re-exported for dirtune.errors)
 from dirtune.train.run_folder import MetricsLog
 
@@ -161,13 +162,15 @@ class FaultGuard(TrainerCallback):
     # -- numerics
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         loss = self.last_loss()
-        bad = None
-        if loss is not None and not torch.isfinite(loss).all():
-            bad = "loss"
-        else:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            if grads and not all(math.isfinite(n) for n in torch.stack(torch._foreach_norm(grads)).tolist()):
-                bad = "gradient"
+        # FSDP2 grads are DTensors: check this process's shards, then decide together, for a
+        # NaN may sit in one process's shard or batch only, and a process that skipped or
+        # stopped alone would leave the others waiting in the next collective.
+        grads = [sharded.local(p.grad) for p in model.parameters() if p.grad is not None]
+        loss_bad = loss is not None and not bool(torch.isfinite(loss).all())
+        grad_bad = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        device = grads[0].device if grads else (loss.device if loss is not None else "cpu")
+        loss_bad, grad_bad = any_process([loss_bad, grad_bad], device)
+        bad = "loss" if loss_bad else ("gradient" if grad_bad else None)
         if bad is None:
             return
         step = state.global_step + 1

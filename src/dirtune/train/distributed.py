@@ -5,6 +5,7 @@ process alone writes the run folder. These helpers keep that apart from the runn
 
     processes(cfg)          (is_main, world_size); starts the process group early under a launcher
     on_main(fn, is_main)    fn() on the main process, its result (or its error) on every process
+    any_process(flags)      each flag OR-ed over the processes (decisions all must take alike)
     Unlogged                MetricsLog's interface, writing nothing (the other processes)
     StepClock               wall time of each optimizer step, for throughput (bench/scaling)
     timing_summary(...)     the summary fields of the above
@@ -48,6 +49,17 @@ def on_main(fn: Callable[[], Any], is_main: bool, world: int) -> Any:
     if kind == "error":
         raise value
     return value
+
+
+def any_process(flags: list[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """Each flag, true if it is true on any process (one all-reduce; no-op for one process).
+    `device` must suit the process group's backend (a CUDA device under NCCL)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 class Unlogged:
