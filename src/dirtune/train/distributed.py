@@ -6,6 +6,7 @@ process alone writes the run folder. These helpers keep that apart from the runn
     processes(cfg)          (is_main, world_size); starts the process group early under a launcher
     on_main(fn, is_main)    fn() on the main process, its result (or its error) on every process
     any_process(flags)      each flag OR-ed over the processes (decisions all must take alike)
+    finish(world)           wait for every process, then close the process group
     Unlogged                MetricsLog's interface, writing nothing (the other processes)
     StepClock               wall time of each optimizer step, for throughput (bench/scaling)
     timing_summary(...)     the summary fields of the above
@@ -60,6 +61,15 @@ def any_process(flags: list[bool], device: torch.device | str = "cpu") -> list[b
     t = torch.tensor([float(f) for f in flags], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def finish(world: int) -> None:
+    """The end of a run on several processes: wait for all (the main one writes last), then
+    close the process group, which a process must not leave open at exit (its communication
+    threads would abort it, and the launcher would report the run as failed)."""
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 class Unlogged:

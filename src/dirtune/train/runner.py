@@ -182,11 +182,11 @@ def run_training(cfg: Config) -> dict:
     summary.update(wall_time_s=time.perf_counter() - started, interrupted=guard.interrupted,
                    skipped_steps=guard.skipped, data=data.stats, final_model=str(final) if final else None,
                    **distributed.timing_summary(clock, world))
-    if not is_main:
-        return summary
-    if guard.interrupted is None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
+    if is_main:
+        if guard.interrupted is None:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
+    distributed.finish(world)
     return summary
 
 
