@@ -5,10 +5,12 @@
    (uneven shards included), the optimizer's parameters swapped for the shards after
    construction as accelerate does. Each check compares with the same computation on whole
    tensors; the worker reports the largest difference.
-2. `dirtune train` itself on 2 processes (torchrun, what `accelerate launch` runs): accelerate
-   shards with FSDP only on accelerators, so on CPU Trainer runs data-parallel (DDP); the run
-   folder is written once and the trained weights equal a 1-process run on the same batches.
-Both start together (the machine waits mostly on imports), each test waits for its part.
+2. `dirtune train` itself on 2 processes (torchrun, what `accelerate launch` runs), written
+   once, ending with the weights of a 1-process run on the same batches: data-parallel (what
+   accelerate does on CPU processes), and FSDP2 with the settings of
+   configs/accelerate/fsdp2-2gpu.yaml (tests/integration/_fsdp_cpu_cli.py lets accelerate take
+   its FSDP path on CPU processes), which is then resumed from a checkpoint.
+All start together (the machine waits mostly on imports), each test waits for its part.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ if not dist.is_available():
     pytest.skip("torch without distributed support", allow_module_level=True)
 
 WORKER = Path(__file__).with_name("_sharded_worker.py")
+FSDP_CLI = Path(__file__).with_name("_fsdp_cpu_cli.py")
+FSDP_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp2-2gpu.yaml"
 WORLD = 2
 TIMEOUT = 180
 
@@ -69,19 +73,38 @@ def _train_overrides(ckpt: Path, files: dict, out: Path, batch_size: int) -> lis
             "method.reference_dtype=fp32"]
 
 
+def _fsdp_env() -> dict:
+    """The environment `accelerate launch --config_file fsdp2-2gpu.yaml` sets for FSDP."""
+    import yaml
+
+    config = yaml.safe_load(FSDP_CONFIG.read_text())["fsdp_config"]
+    env = {"ACCELERATE_USE_FSDP": "true"}
+    for key, value in config.items():
+        name = "FSDP_TRANSFORMER_CLS_TO_WRAP" if key == "fsdp_transformer_layer_cls_to_wrap" else key.upper()
+        env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def _launch(work: Path, entry: list[str], *overrides: str, fsdp: bool = False) -> subprocess.Popen:
+    """`dirtune train` on 2 CPU processes under torchrun (entry: how to start the CLI)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(_fsdp_env() if fsdp else {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}",
+         f"--master-port={_free_port()}", *entry, "train", str(work / "run.yaml"), *overrides],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.fixture(scope="module")
 def started(tmp_path_factory, tiny_checkpoint, task_files) -> dict:
-    """Starts the FSDP2 worker and a 2-process `dirtune train`; returns their handles."""
+    """Starts the FSDP2 worker and the 2-process `dirtune train` runs; returns their handles."""
     work = tmp_path_factory.mktemp("distributed")
     (work / "run.yaml").write_text("{}\n")
     out = work / "results.json"
-    train = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}",
-         f"--master-port={_free_port()}", "-m", "dirtune.cli", "train", str(work / "run.yaml"),
-         *_train_overrides(tiny_checkpoint, task_files, work / "two", batch_size=2)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    return {"work": work, "out": out, "worker": _start_worker(out), "train": train}
+    two = _train_overrides(tiny_checkpoint, task_files, work / "ddp", batch_size=2)
+    sharded = _train_overrides(tiny_checkpoint, task_files, work / "fsdp", batch_size=2)
+    return {"work": work, "out": out, "worker": _start_worker(out),
+            "ddp": _launch(work, ["-m", "dirtune.cli"], *two),
+            "fsdp": _launch(work, [str(FSDP_CLI)], *sharded, "train.save_every=3", fsdp=True)}
 
 
 @pytest.fixture(scope="module")
@@ -187,32 +210,63 @@ def _final_weights(run: Path) -> dict:
     return load_file(path)
 
 
-def test_dirtune_train_on_two_processes_equals_one(started, tiny_checkpoint, task_files):
+@pytest.fixture(scope="module")
+def one_process(started, tiny_checkpoint, task_files) -> Path:
+    """The reference: 1 process, 4 examples per step (runs here while the others work)."""
     from dirtune.train.config import load_config
-    from dirtune.train.run_folder import read_metrics
     from dirtune.train.runner import run_training
 
-    work = started["work"]
-    # the reference runs here while the 2-process run works: 4 examples per step either way
-    one = run_training(load_config(None, _train_overrides(tiny_checkpoint, task_files, work / "one", 4)))
-    (log,) = _wait([started["train"]], "the 2-process dirtune train")
-    assert started["train"].returncode == 0, log[-3000:]
-    two = json.loads((work / "two" / "summary.json").read_text())
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert len(two["step_times_s"]) == 6
-    manifest = json.loads((work / "two" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2
-    # written once: the same records as one process (no duplicate lines from rank 1)
-    train = [[r for r in read_metrics(work / run / "metrics.jsonl") if r["kind"] == "train"]
-             for run in ("one", "two")]
-    assert [r["step"] for r in train[1]] == [r["step"] for r in train[0]] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in train[1]] == pytest.approx([r["loss"] for r in train[0]], abs=1e-5)
+    out = started["work"] / "one"
+    summary = run_training(load_config(None, _train_overrides(tiny_checkpoint, task_files, out, 4)))
+    assert summary["world_size"] == 1
+    return out
+
+
+def _finished(started, name: str) -> Path:
+    (log,) = _wait([started[name]], f"the 2-process dirtune train ({name})")
+    assert started[name].returncode == 0, log[-4000:]
+    return started["work"] / name
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_dirtune_train_on_two_processes_equals_one(started, one_process, tiny_checkpoint, name):
     from safetensors.torch import load_file
 
-    a, b = _final_weights(work / "one"), _final_weights(work / "two")
+    from dirtune.train.run_folder import read_metrics
+
+    run = _finished(started, name)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and len(summary["step_times_s"]) == 6
+    assert json.loads((run / "manifest.json").read_text())["world_size"] == 2
+    # written once: the same records as one process (no duplicate lines from rank 1)
+    train = [[r for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "train"]
+             for folder in (one_process, run)]
+    assert [r["step"] for r in train[1]] == [r["step"] for r in train[0]] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in train[1]] == pytest.approx([r["loss"] for r in train[0]], abs=1e-5)
     (first,) = tiny_checkpoint.glob("*.safetensors")
-    init = load_file(first)
-    assert set(a) == set(b) == set(init)
-    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3   # trained
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5      # identically
-    assert (work / "two" / "checkpoint-6").is_dir() and not list((work / "two").glob(".*checkpoint*"))
+    reference = _final_weights(one_process)
+    assert _largest_difference(reference, load_file(first)) > 1e-3   # trained
+    assert _largest_difference(_final_weights(run), reference) < 1e-5  # identically
+    assert (run / "checkpoint-6").is_dir() and not list(run.glob(".*checkpoint*"))
+
+
+def test_fsdp2_run_resumes_from_its_checkpoint(started, tiny_checkpoint, task_files):
+    """Trainer saves the FSDP2 run (FULL_STATE_DICT: weights, BalancedAdamW's moments and
+    anchors) and loads it into a freshly sharded model: the same end as without stopping."""
+    import shutil
+
+    work = started["work"]
+    run = _finished(started, "fsdp")
+    resumed = work / "fsdp-resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
+    job = _launch(work, [str(FSDP_CLI)], *_train_overrides(tiny_checkpoint, task_files, resumed, 2),
+                  "train.save_every=3", "train.resume=auto", fsdp=True)
+    (log,) = _wait([job], "the resumed FSDP2 run")
+    assert job.returncode == 0, log[-4000:]
+    assert _largest_difference(_final_weights(resumed), _final_weights(run)) < 1e-6

@@ -97,6 +97,17 @@ def _weights_problem(folder: Path) -> str | None:
     return None
 
 
+# FSDP checkpoints (accelerate): the optimizer as optimizer.bin (FULL_STATE_DICT, a torch archive)
+# or optimizer_0/ (SHARDED_STATE_DICT, a torch.distributed.checkpoint folder); sharded weights as
+# pytorch_model_fsdp_0/ instead of model files.
+FSDP_ALTERNATIVES = {"optimizer.pt": ("optimizer.bin", "optimizer_0")}
+FSDP_SHARDED_WEIGHTS = "pytorch_model_fsdp_0"
+
+
+def _dcp_folder(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
 def checkpoint_problem(folder: str | Path) -> str | None:
     """None if `folder` is a complete checkpoint; else what is wrong with it, in a few words.
 
@@ -117,12 +128,14 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     m = CHECKPOINT_RE.match(folder.name)
     if m and step != int(m.group(1)):
         return f"trainer_state.json says step {step!r}, the folder name says {m.group(1)}"
-    if problem := _weights_problem(folder):
+    if not _dcp_folder(folder / FSDP_SHARDED_WEIGHTS) and (problem := _weights_problem(folder)):
         return problem
     for name in TORCH_FILES:
-        if not (folder / name).is_file():
+        found = [folder / n for n in (name, *FSDP_ALTERNATIVES.get(name, ()))
+                 if (folder / n).is_file() or _dcp_folder(folder / n)]
+        if not found:
             return f"no {name}"
-        if problem := _zip_problem(folder / name):
+        if found[0].is_file() and (problem := _zip_problem(found[0])):
             return problem
     for name in OPTIONAL_TORCH_FILES:
         if (folder / name).is_file() and (problem := _zip_problem(folder / name)):
