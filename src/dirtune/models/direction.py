@@ -146,6 +146,7 @@ class DirectionPenalty(torch.nn.Module):
         self.targets = tuple(targets)
         self.names: list[str] = []
         self.reference_bytes = 0
+        self._ref_device = ref_device      # None: beside each weight, wherever it moves
         # Plain lists: the model's modules and parameters must not become this module's children.
         self._lora: list[tuple[str, torch.nn.Module, list[str]]] = []
         self._full: list[tuple[str, torch.nn.Module]] = []   # (name, module owning the weight)
@@ -220,8 +221,13 @@ class DirectionPenalty(torch.nn.Module):
         for i, w in enumerate(weights):
             ref = self._buffers[f"_ref{i}"]
             if sharded.is_dtensor(w) and not sharded.is_dtensor(ref):
-                # the model was sharded after this penalty was built: keep this rank's rows only
-                local = sharded.local_rows(ref, w).clone()
+                # the model was sharded after this penalty was built: keep this rank's rows only,
+                # beside the shard unless a reference_device was asked for (FSDP2 builds the
+                # model on the CPU and shards it onto the GPUs)
+                local = sharded.local_rows(ref, w).to(
+                    device=self._ref_device or sharded.local(w).device, copy=True)
+                if local.device.type == "cpu" and sharded.local(w).device.type == "cuda":
+                    local = local.pin_memory()   # as _add_full: asynchronous uploads
                 self.reference_bytes -= (ref.numel() - local.numel()) * ref.element_size()
                 ref = self._buffers[f"_ref{i}"] = sharded.wrap_like(local, w)
             refs.append(ref)
