@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from dirtune.train.config import load_config
 from dirtune.train.run_folder import read_metrics
