@@ -106,6 +106,7 @@ def training_arguments(cfg: Config, out: Path, resuming: bool, has_valid: bool) 
         report_to=[r for r in t.report_to if r != "none"] or "none",
         disable_tqdm=True,
         dataloader_num_workers=t.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available() and t.device != "cpu",
         remove_unused_columns=False,
         use_cpu=t.device == "cpu",
         logging_nan_inf_filter=False,
@@ -121,6 +122,8 @@ def run_training(cfg: Config) -> dict:
     out, resume_ckpt = distributed.on_main(lambda: run_folder.resolve(cfg), is_main, world)
     set_seed(cfg.train.seed)  # the same on every process: the same initial weights
     transformers.logging.set_verbosity_error()
+    # our bar shows steps, loss and ETA; transformers' per-file load/save bars would interleave with it
+    transformers.logging.disable_progress_bar()
 
     model, tokenizer = build_model(cfg)
     data = build_datasets(cfg.data, tokenizer)
