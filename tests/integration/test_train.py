@@ -77,3 +77,23 @@ def test_resume_matches_uninterrupted_run(tiny_checkpoint, task_files, tmp_path)
     a = _train_losses(tmp_path / "full")[10:]
     b = _train_losses(tmp_path / "resumed")
     assert len(b) == 20 and a == pytest.approx(b, rel=0, abs=1e-6)
+
+
+def test_gradient_accumulation_keeps_the_penalty_weight(tiny_checkpoint, task_files, tmp_path):
+    """grad_accum=2 x batch 2 must follow batch 4: the coupled penalty counts once per optimizer
+    step whatever the accumulation (Trainer normalises the task loss over the accumulated tokens)."""
+    common = ["finetune.type=full", "optimizer.name=balanced_adamw", "method.penalty=coupled",
+              "method.direction_weight=1000", "method.reference_dtype=fp32", "optimizer.lr=3e-3",
+              "train.max_steps=6", "train.log_every=1"]
+    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "b4", *common, "train.batch_size=4"))
+    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "ga", *common, "train.batch_size=2",
+                      "train.grad_accum=2"))
+
+    def rows(out):
+        return [(r["loss"], r["penalty"]) for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+
+    a, b = rows(tmp_path / "b4"), rows(tmp_path / "ga")
+    assert len(a) == len(b) == 6
+    assert any(p > 0 for _, p in a)
+    for (la, pa), (lb, pb) in zip(a, b):
+        assert lb == pytest.approx(la, rel=1e-4) and pb == pytest.approx(pa, rel=1e-3, abs=1e-9)
