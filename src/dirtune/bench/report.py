@@ -194,27 +194,48 @@ def _colour(i: int) -> str:
 
 def plot_curves(path: Path, pair: dict, key: str, title: str, ylabel: str,
                 target: Optional[float] = None) -> bool:
-    """Median line and min–max band over seeds per method; False (no file) if there is no data."""
-    fig, ax = _figure()
-    drawn = False
+    """Median line and min–max band over seeds per method; False (no file) if there is no data.
+
+    Two panels: the whole run, and the last two thirds of the budget with the y-axis fitted to
+    it, where the methods separate (the first evaluations' large losses flatten them otherwise)."""
+    fig, ax = _figure(12.5, 4.6)
+    zoom = fig.add_subplot(1, 2, 2)
+    ax.set_subplotspec(fig.add_gridspec(1, 2)[0])
+    drawn, tail_values, last = False, [], 0
+    bands = []
     for i, (m, r) in enumerate(pair["methods"].items()):
         curves = [run[key] for run in r["runs"].values() if run["summary"] is not None]
         steps, med, lo, hi = _band(curves)
-        if not steps:
-            continue
+        if steps:
+            bands.append((i, m, r, steps, med, lo, hi, len(curves)))
+            last = max(last, steps[-1])
+    start = last / 3
+    for i, m, r, steps, med, lo, hi, n in bands:
         drawn = True
         lr = f", lr {r['chosen_lr']:g}" if r["chosen_lr"] else ""
-        ax.plot(steps, med, "o-", ms=2.5, lw=1.6, color=_colour(i), label=f"{m}{lr} (n={len(curves)})")
-        ax.fill_between(steps, lo, hi, color=_colour(i), alpha=0.18, lw=0)
+        for a in (ax, zoom):
+            a.plot(steps, med, "o-", ms=2.5, lw=1.6, color=_colour(i), label=f"{m}{lr} (n={n})")
+            a.fill_between(steps, lo, hi, color=_colour(i), alpha=0.18, lw=0)
+        tail_values += [v for s, a, b, c in zip(steps, med, lo, hi) if s >= start
+                        for v in (a, b, c) if v is not None and math.isfinite(v)]
     if not drawn:
         return False
     if target is not None:
-        ax.axhline(target, ls="--", lw=1, color="0.3", label=f"target T = {target:.4g}")
+        for a in (ax, zoom):
+            a.axhline(target, ls="--", lw=1, color="0.3", label=f"target T = {target:.4g}")
+        tail_values.append(target)
     ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
+    zoom.set(xlabel="optimizer step", title="zoom: last two thirds of the budget")
+    if tail_values:
+        lo_v, hi_v = min(tail_values), max(tail_values)
+        pad = 0.05 * (hi_v - lo_v or abs(hi_v) or 1.0)
+        zoom.set_xlim(start, last * 1.02)
+        zoom.set_ylim(lo_v - pad, hi_v + pad)
+    for a in (ax, zoom):
+        a.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     return True
 
 
