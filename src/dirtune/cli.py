@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     summary = run_training(cfg)
     keys = ("best_eval_loss", "best_step", "final_eval_loss", "final_step", "target_step", "test_loss",
             "forget_loss_start", "forget_loss_end", "best_checkpoint", "final_model", "wall_time_s")
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # one summary per run, from the process that wrote it
+        print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     if summary.get("interrupted"):
         print(f"interrupted ({summary['interrupted']}): resume with train.resume=auto", file=sys.stderr)
         return 130
@@ -173,13 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     from dirtune.errors import USER_ERRORS
 
     try:
-        return args.func(args)
+        code = args.func(args)
     except USER_ERRORS as e:
         print(f"dirtune {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are atomic
         print(f"dirtune {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One of several launched processes: everything is written and the process group is
+        # closed, but C++ communication threads can still abort the interpreter's teardown
+        # ("terminate called without an active exception", seen with gloo), which the launcher
+        # reports as a failed run. Leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
