@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
-import random
 
 import pytest
-import sentencepiece as spm
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -20,16 +17,7 @@ DIM, HEADS, KV_HEADS, LAYERS, MULTIPLE_OF, VOCAB = 32, 4, 2, 2, 16, 320
 IDS = torch.tensor([[1, 7, 300, 12, 99, 4, 250, 31]])
 
 
-def train_spm(path, vocab_size=300):
-    """A tiny LLaMA-like SentencePiece BPE model (unk 0, bos 1, eos 2, byte fallback) at `path`."""
-    words = "the cat dog sat on a mat and ran to big small red blue house tree Lily Tom park".split()
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + "." for _ in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    path.write_bytes(buf.getvalue())
+META_WORDS = "the cat dog sat on a mat and ran to big small red blue house tree Lily Tom park".split()
 
 
 def unpermute(w, n_heads):
@@ -39,7 +27,7 @@ def unpermute(w, n_heads):
     return w.reshape(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def write_meta_release(model, folder, n_shards=2, tokenizer_in_parent=False, ffn_dim_multiplier=None):
+def write_meta_release(train_spm, model, folder, n_shards=2, tokenizer_in_parent=False, ffn_dim_multiplier=None):
     """Write `model` the way Meta's model-parallel checkpoints are laid out."""
     folder.mkdir(parents=True)
     sd = model.state_dict()
@@ -67,7 +55,7 @@ def write_meta_release(model, folder, n_shards=2, tokenizer_in_parent=False, ffn
     if ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = ffn_dim_multiplier
     (folder / "params.json").write_text(json.dumps(params))
-    train_spm((folder.parent if tokenizer_in_parent else folder) / "tokenizer.model")
+    train_spm((folder.parent if tokenizer_in_parent else folder) / "tokenizer.model", META_WORDS)
     return folder
 
 
@@ -81,9 +69,9 @@ def tiny_model(ffn_dim_multiplier=None):
 
 
 @pytest.mark.parametrize("n_shards,in_parent,mult", [(2, False, None), (1, True, 1.5)])
-def test_fake_release_converts_to_the_same_model(tmp_path, n_shards, in_parent, mult):
+def test_fake_release_converts_to_the_same_model(tmp_path, train_spm, n_shards, in_parent, mult):
     model = tiny_model(mult)
-    src = write_meta_release(model, tmp_path / "rel" / "llama-tiny", n_shards, in_parent, mult)
+    src = write_meta_release(train_spm, model, tmp_path / "rel" / "llama-tiny", n_shards, in_parent, mult)
     out = convert_meta(src, tmp_path / "hf", dtype="fp32")
     loaded = load_model(ModelConfig(path=str(out))).eval()
     with torch.no_grad():
@@ -94,8 +82,8 @@ def test_fake_release_converts_to_the_same_model(tmp_path, n_shards, in_parent, 
     assert len(tok) == 300 and tok("the cat").input_ids[0] == 1
 
 
-def test_dtype_and_sharded_output(tmp_path):
-    src = write_meta_release(tiny_model(), tmp_path / "rel")
+def test_dtype_and_sharded_output(tmp_path, train_spm):
+    src = write_meta_release(train_spm, tiny_model(), tmp_path / "rel")
     out = convert_meta(src, tmp_path / "hf", dtype="bf16", max_shard_bytes=20_000)
     assert len(find_weight_files(out)) > 1
     cfg = json.loads((out / "config.json").read_text())
@@ -126,8 +114,8 @@ def test_permutation_turns_interleaved_rope_into_rotate_half():
     torch.testing.assert_close(permute_rotary(meta.reshape(-1, 1), n_heads).view(n_heads, hd), hf)
 
 
-def test_missing_pieces_name_the_path(tmp_path):
-    src = write_meta_release(tiny_model(), tmp_path / "rel")
+def test_missing_pieces_name_the_path(tmp_path, train_spm):
+    src = write_meta_release(train_spm, tiny_model(), tmp_path / "rel")
     (src / "params.json").rename(src / "p.bak")
     with pytest.raises(ModelError, match=r"rel[/\\]params.json: params.json not found"):
         convert_meta(src, tmp_path / "hf")
@@ -143,8 +131,8 @@ def test_missing_pieces_name_the_path(tmp_path):
         convert_meta(tmp_path / "nowhere", tmp_path / "hf")
 
 
-def test_params_that_contradict_the_weights(tmp_path):
-    src = write_meta_release(tiny_model(), tmp_path / "rel")
+def test_params_that_contradict_the_weights(tmp_path, train_spm):
+    src = write_meta_release(train_spm, tiny_model(), tmp_path / "rel")
     params = json.loads((src / "params.json").read_text())
     (src / "params.json").write_text(json.dumps(dict(params, multiple_of=64)))
     with pytest.raises(ModelError, match="FFN size of 128 but the weights have 96"):

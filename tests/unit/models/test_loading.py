@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -18,18 +16,6 @@ from dirtune.models.loading import (ModelError, check_tokenizer_matches, count_p
 from dirtune.train.config import ModelConfig
 
 WORDS = "the cat dog sat on a mat and ran to big small red blue house tree Lily Tom park play happy sun".split()
-
-
-def train_spm(path, vocab_size=300):
-    """A tiny LLaMA-like SentencePiece BPE model (unk 0, bos 1, eos 2, byte fallback) at `path`."""
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(400)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    path.write_bytes(buf.getvalue())
-    return path
 
 
 def tiny_config(vocab=320, tie=False):
@@ -110,10 +96,10 @@ def test_sharded_checkpoint_writer(tiny_dir, tmp_path):
     torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=1e-6)
 
 
-def test_tokenizer_from_sentencepiece_only_folder(tmp_path):
+def test_tokenizer_from_sentencepiece_only_folder(tmp_path, train_spm):
     folder = tmp_path / "sp"
     folder.mkdir()
-    train_spm(folder / "tokenizer.model")
+    train_spm(folder / "tokenizer.model", WORDS)
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     tok = load_tokenizer(folder)
     text = "Lily and Tom ran to the big  red house.\nThe sun!"
@@ -123,8 +109,8 @@ def test_tokenizer_from_sentencepiece_only_folder(tmp_path):
     assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == sp.decode(sp.encode(text))
 
 
-def test_save_tokenizer_from_sentencepiece_round_trip(tmp_path):
-    model_file = train_spm(tmp_path / "m.model")
+def test_save_tokenizer_from_sentencepiece_round_trip(tmp_path, train_spm):
+    model_file = train_spm(tmp_path / "m.model", WORDS)
     out = tmp_path / "tok"
     save_tokenizer_from_sentencepiece(model_file, out)
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer.model").is_file()
@@ -150,8 +136,8 @@ def test_tokenizer_errors_name_the_path(tmp_path):
         load_tokenizer(bad)
 
 
-def test_check_tokenizer_matches(tmp_path):
-    tok = load_tokenizer(train_spm(tmp_path / "m.model"))  # 300 tokens
+def test_check_tokenizer_matches(tmp_path, train_spm):
+    tok = load_tokenizer(train_spm(tmp_path / "m.model", WORDS))  # 300 tokens
     check_tokenizer_matches(LlamaForCausalLM(tiny_config(vocab=320)), tok)
     with pytest.raises(ModelError) as e:
         check_tokenizer_matches(LlamaForCausalLM(tiny_config(vocab=200)), tok)
