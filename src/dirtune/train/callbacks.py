@@ -166,9 +166,14 @@ class FaultGuard(TrainerCallback):
         # NaN may sit in one process's shard or batch only, and a process that skipped or
         # stopped alone would leave the others waiting in the next collective.
         grads = [sharded.local(p.grad) for p in model.parameters() if p.grad is not None]
-        loss_bad = loss is not None and not bool(torch.isfinite(loss).all())
-        grad_bad = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         device = grads[0].device if grads else (loss.device if loss is not None else "cpu")
+        # both checks as device flags, read back together: one host sync per step, not two
+        flags = torch.zeros(2, dtype=torch.bool, device=device)
+        if loss is not None:
+            flags[0] = ~torch.isfinite(loss.to(device)).all()
+        if grads:
+            flags[1] = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).to(device)).all()
+        loss_bad, grad_bad = flags.tolist()
         loss_bad, grad_bad = any_process([loss_bad, grad_bad], device)
         bad = "loss" if loss_bad else ("gradient" if grad_bad else None)
         if bad is None:

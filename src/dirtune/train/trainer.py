@@ -119,13 +119,15 @@ class DirtuneTrainer(AtomicCheckpoints, Trainer):
                 loss = loss + pen.to(loss.dtype)
                 if self._pen_step_seen != self.state.global_step:
                     self._pen_step_seen = self.state.global_step
-                    self._pen_sum += float(pen.detach()) * scale
+                    # kept on the device: a float() here would stall the GPU before backward
+                    # at every step; log() reads it once per logging interval
+                    self._pen_sum = self._pen_sum + pen.detach().float() * scale
                     self._pen_steps += 1
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
         if "loss" in logs and "eval_loss" not in logs:
-            pen = self._pen_sum / self._pen_steps if self._pen_steps else 0.0
+            pen = float(self._pen_sum) / self._pen_steps if self._pen_steps else 0.0
             self._pen_sum, self._pen_steps = 0.0, 0
             # Trainer's "loss" includes the penalty; log the task loss and the penalty apart.
             logs["loss"] = logs["loss"] - pen
