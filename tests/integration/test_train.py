@@ -79,6 +79,22 @@ def test_resume_matches_uninterrupted_run(tiny_checkpoint, task_files, tmp_path)
     assert len(b) == 20 and a == pytest.approx(b, rel=0, abs=1e-6)
 
 
+def test_weights_only_checkpoints_keep_the_best_model_and_refuse_resume(tiny_checkpoint, task_files, tmp_path):
+    from dirtune.train.config import ConfigError
+    from dirtune.train.faults import checkpoint_problem
+
+    extra = ["finetune.type=full", "train.save_total_limit=1"]
+    full = run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "full", *extra))
+    lean = run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "lean", *extra, "train.save_only_model=true"))
+    # the same training, and the same best weights reloaded for test and final/
+    assert lean["best_step"] == full["best_step"] and lean["best_eval_loss"] == pytest.approx(full["best_eval_loss"])
+    ckpt = Path(lean["best_checkpoint"])
+    assert not (ckpt / "optimizer.pt").exists() and (Path(full["best_checkpoint"]) / "optimizer.pt").is_file()
+    assert "weights only" in checkpoint_problem(ckpt)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "lean", *extra, "train.resume=auto"))
+
+
 def test_gradient_accumulation_keeps_the_penalty_weight(tiny_checkpoint, task_files, tmp_path):
     """grad_accum=2 x batch 2 must follow batch 4: the coupled penalty counts once per optimizer
     step whatever the accumulation (Trainer normalises the task loss over the accumulated tokens)."""

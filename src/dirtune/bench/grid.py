@@ -78,8 +78,10 @@ def execute(job: dict, device: Optional[str] = None) -> dict:
             cfg.train.device = device
         if not (job["resume"] and (run / "summary.json").is_file()):
             (run / "metric.json").unlink(missing_ok=True)
-            # an unfinished run continues from its newest checkpoint (or restarts if it has none)
-            cfg.train.resume = "auto" if job["resume"] else None
+            # an unfinished run continues from its newest checkpoint (or restarts if it has none);
+            # weights-only checkpoints cannot be continued, so such a run starts again
+            resumable = not getattr(cfg.train, "save_only_model", False)
+            cfg.train.resume = "auto" if job["resume"] and resumable else None
             _entry(job["entry"])(cfg)
             if not (run / "summary.json").is_file():
                 raise RuntimeError("the training entry returned but wrote no summary.json "

@@ -10,8 +10,9 @@ Which split gets which data:
   * valid: data.valid_file, else data.valid_ratio of train_file (None when the ratio is 0), cut
     to data.max_eval_samples records. Never packed, so its loss is comparable across runs.
   * test:  data.test_file or None. Not cut: it is evaluated once, in full.
-  * forget: data.forget_file or None (its format always auto-detected), cut to
-    data.max_eval_samples records: it is evaluated as often as valid.
+  * forget: data.forget_file or None (its format always auto-detected), cut to the first
+    data.max_eval_samples rows (blocks, for text): it is evaluated as often as valid, and its
+    documents can be long, so the cut is on what is evaluated rather than on records.
 For text, a record is a document; max_samples counts documents, not blocks.
 """
 
@@ -139,6 +140,8 @@ def _tokenise(name: str, path: Path, fmt: str, items: list[Example], cfg: Any, t
             pairs, [e.line for e in items], cfg.max_length, cfg.overlong, path)
         stats["template"], stats["examples"] = template, len(pairs)
         rows = Rows.from_pairs(pack(pairs, cfg.max_length) if cfg.packing and name == "train" else pairs)
+    if name == "forget":
+        rows = rows.head(cfg.max_eval_samples)
     if len(rows) == 0:
         raise DataError(f"{path}: the {name} split has no usable example ({len(items)} records, "
                         f"{stats['rejected']} rejected); check the file or data.max_length")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import datasets
 import numpy as np
@@ -177,6 +177,13 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def head(self, n: Optional[int]) -> "Rows":
+        """The first n rows (all when n is None or larger)."""
+        if n is None or n >= len(self):
+            return self
+        end = int(self.offsets[n])
+        return Rows(self.ids[:end], self.labels[:end], self.offsets[: n + 1])
 
     def row(self, i: int) -> Pair:
         a, b = self.offsets[i], self.offsets[i + 1]

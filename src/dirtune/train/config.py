@@ -68,7 +68,7 @@ class DataConfig:
     packing: bool = _f(False, "pack examples into max_length blocks (text is always blocked)")
     train_on_prompt: bool = _f(False, "also compute the loss on the prompt tokens")
     max_samples: Optional[int] = _f(None, "use only the first N training records")
-    max_eval_samples: Optional[int] = _f(None, "use only the first N validation records")
+    max_eval_samples: Optional[int] = _f(None, "use only the first N validation records (and forget-text rows)")
     seed: int = _f(0, "seed of the validation split")
 
 
@@ -116,6 +116,8 @@ class TrainConfig:
     target_loss: Optional[float] = _f(None, "stop at the first evaluation with loss <= this")
     save_every: int = _f(0, "checkpoint every k steps; 0 = only at evaluations that improve")
     save_total_limit: int = _f(2, "checkpoints kept besides the best")
+    save_only_model: bool = _f(
+        False, "checkpoints hold the weights alone (no optimizer state): smaller and faster, not resumable")
     log_every: int = _f(1, "log training metrics every k steps")
     drift_every: int = _f(10, "compute angle/drift to the pretrained weights every k steps")
     resume: Optional[str] = _f(None, "checkpoint folder, or 'auto' for the newest in output_dir")

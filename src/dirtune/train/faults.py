@@ -134,6 +134,9 @@ def checkpoint_problem(folder: str | Path) -> str | None:
         found = [folder / n for n in (name, *FSDP_ALTERNATIVES.get(name, ()))
                  if (folder / n).is_file() or _dcp_folder(folder / n)]
         if not found:
+            if name == TORCH_FILES[0] and not any((folder / n).exists() for n in TORCH_FILES[1:]):
+                return ("no optimizer or scheduler state: it holds weights only (train.save_only_model), "
+                        "which cannot be resumed")
             return f"no {name}"
         if found[0].is_file() and (problem := _zip_problem(found[0])):
             return problem

@@ -24,7 +24,7 @@ from dirtune.models.loading import check_tokenizer_matches, count_parameters, lo
 from dirtune.models.lora import apply_lora, prepare_full_finetune
 from dirtune.train import distributed, run_folder
 from dirtune.train.callbacks import DriftMeter, EvalRecorder, FaultGuard, Progress
-from dirtune.train.config import Config
+from dirtune.train.config import Config, ConfigError
 from dirtune.train.faults import save_model_atomically
 from dirtune.train.plots import plot_run
 from dirtune.train.trainer import DTYPES, DirtuneTrainer
@@ -100,6 +100,7 @@ def training_arguments(cfg: Config, out: Path, resuming: bool, has_valid: bool) 
         save_strategy=("steps" if t.save_every else "best") if has_valid else "steps",
         save_steps=t.save_every or t.eval_every,
         save_total_limit=t.save_total_limit,
+        save_only_model=t.save_only_model,
         metric_for_best_model="eval_valid_loss" if has_valid else None,
         greater_is_better=False,
         load_best_model_at_end=has_valid,
@@ -119,6 +120,10 @@ def run_training(cfg: Config) -> dict:
     _select_device(cfg.train.device)
     # several processes (accelerate launch): all train, the main one alone writes the folder
     is_main, world = distributed.processes(cfg)
+    if world > 1 and cfg.train.save_only_model:
+        # transformers cannot reload the best weights of a sharded run from a weights-only save
+        raise ConfigError("train.save_only_model: true is for single-process runs; "
+                          f"this run has {world} processes, leave it false")
     out, resume_ckpt = distributed.on_main(lambda: run_folder.resolve(cfg), is_main, world)
     set_seed(cfg.train.seed)  # the same on every process: the same initial weights
     transformers.logging.set_verbosity_error()

@@ -118,6 +118,13 @@ def test_resume_redoes_only_failed_runs_and_fresh_redoes_each_once(bench, tmp_pa
     assert all(c.endswith(" None") for c in fresh)  # --fresh: no resuming from checkpoints
 
 
+def test_weights_only_runs_restart_instead_of_resuming(bench, tmp_path):
+    out = tmp_path / "b"
+    run_bench(bench("overrides=[train.save_only_model=true]"), out, entry="fake_dirtune_train:run_training")
+    calls = _calls(out)
+    assert len(calls) == 10 and all(c.endswith(" None") for c in calls)
+
+
 def test_read_run_skips_torn_lines_and_keeps_last_of_a_repeated_step(tmp_path):
     run = tmp_path / "r"
     run.mkdir()

@@ -130,6 +130,18 @@ def test_forget_file_is_text_whatever_the_train_format(tmp_path, word_tok):
     assert b.stats["splits"]["forget"]["format"] == "text" and len(b.forget) >= 1
 
 
+def test_forget_text_is_cut_to_max_eval_samples_rows_not_records(tmp_path, word_tok):
+    # One long document blocks into many rows; a record cut alone would keep them all.
+    train = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
+    forget = write_jsonl(tmp_path / "src.jsonl", [{"text": " ".join(WORDS * 20)}])
+    full = build(word_tok, train_file=str(train), forget_file=str(forget), max_length=16)
+    cut = build(word_tok, train_file=str(train), forget_file=str(forget), max_length=16, max_eval_samples=3)
+    assert len(full.forget) > 3 and len(cut.forget) == 3
+    assert cut.forget["input_ids"] == full.forget["input_ids"][:3]
+    assert cut.stats["splits"]["forget"]["rows"] == 3
+    assert cut.stats["splits"]["forget"]["tokens"] == sum(map(len, full.forget["input_ids"][:3]))
+
+
 def test_collator_feeds_a_tiny_llama(tmp_path, word_tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
