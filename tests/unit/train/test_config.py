@@ -176,3 +176,13 @@ def test_random_yaml_files_load_or_raise_config_error(text, as_bytes):
         path = Path(d) / "fuzz.yaml"
         path.write_bytes(text.encode("latin-1", "replace") if as_bytes else text.encode("utf-8", "surrogatepass"))
         loads_or_config_error(load_config, path)
+
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load_and_the_method_ones_turn_it_on(path):
+    cfg = load_config(path, [])
+    if cfg.method.penalty != "none":  # an example of the method uses both of its parts
+        assert cfg.optimizer.name == "balanced_adamw" and cfg.method.direction_weight > 0
