@@ -331,3 +331,43 @@ def anchor_memory(spec: dict, device: torch.device, layers=None) -> list[dict]:
     del params, holder
     free()
     return out
+
+
+def lora_split(spec: dict, device: torch.device, r: int = 16, warmup: int = 2, reps: int = 10) -> list[dict]:
+    """The LoRA penalty's W0·Aᵀ on bf16 bases of the model's projection shapes: the split bf16
+    GEMM (read W0 as bf16) against the fp32 cast, in time and in agreement (value and gradients)."""
+    from dirtune.method import lora_penalty
+
+    if device.type != "cuda":
+        return [{"skipped": "the split GEMM (mm with out_dtype) runs on CUDA only"}]
+    h, m = spec["hidden"], spec["inter"]
+    out = []
+    for d, k in ((h, h), (m, h), (h, m)):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        base = torch.randn(d, k, generator=g).to(device, torch.bfloat16)
+        A = (0.02 * torch.randn(r, k, generator=g)).to(device).requires_grad_()
+        B = (0.02 * torch.randn(d, r, generator=g)).to(device).requires_grad_()
+        norms = lora_penalty.base_row_norms(base)
+
+        def run():
+            A.grad = B.grad = None
+            value = lora_penalty.lora_direction_penalty(base, A, B, 2.0, base_sq_norms=[norms])
+            value.backward()
+            return value
+
+        row = {"shape": f"{d}x{k}", "r": r}
+        results = {}
+        for path in ("split", "fp32 cast"):
+            lora_penalty._SPLIT_OK[device.type] = path == "split"
+            value = run()
+            results[path] = (value.detach().double(), A.grad.double(), B.grad.double())
+            row[f"{path} ms"] = timed(run, device, warmup, reps)
+        lora_penalty._SPLIT_OK.pop(device.type, None)
+        (v1, a1, b1), (v0, a0, b0) = results["split"], results["fp32 cast"]
+        row["value rel diff"] = float((v1 - v0).abs() / v0.abs())
+        row["grad A rel diff"] = float((a1 - a0).abs().max() / a0.abs().max())
+        row["grad B rel diff"] = float((b1 - b0).abs().max() / b0.abs().max())
+        out.append(row)
+        del base, A, B
+        free()
+    return out

@@ -20,33 +20,86 @@ from dirtune.method import sharded
 from dirtune.method.penalty import EPS, _as_list, _check_floating, _check_granularity, _compute_dtype
 
 
-class _BaseProjection(torch.autograd.Function):
-    """`C[l] = W0_l · A[l]ᵀ` (L, d, r) and `n0[l] = ||W0_l rows||²` (L, d) for frozen bases W0_l.
+def _split3(x: torch.Tensor) -> torch.Tensor:
+    """fp32 `x` as three bf16 parts stacked on dim 0, `x = hi + mid + lo` to ~2⁻²⁴ relative:
+    each part holds the next 8 significant bits of what the ones before left over."""
+    hi = x.to(torch.bfloat16)
+    rest = x - hi.float()                                       # exact in fp32
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    return torch.cat([hi, mid, lo])
 
-    The bases are constants; each is cast to the compute dtype one at a time, transiently, and
-    only the bases themselves (no copies) are kept for the backward `∇A[l] = ∇C[l]ᵀ · W0_l`.
-    Plain autograd would keep the fp32 cast of every bf16 base alive until backward. One matmul
-    per layer: W0·Aᵀ reads all of W0, so it is memory-bound and one launch per layer costs
-    nothing measurable, while stacking the bases for a bmm would copy them.
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bf16 × bf16 → fp32 (fp32 accumulation) in one GEMM; CUDA only (torch's mm.dtype)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+_SPLIT_OK: dict[str, bool] = {}  # device type → whether mm.dtype ran there
+
+
+def _split_matmul(first: torch.Tensor, second: torch.Tensor, split_first: bool, mm=None) -> torch.Tensor:
+    """`first @ second` in fp32 where one side is a bf16 base and the other fp32, reading the
+    base once as bf16 (2 bytes per element) instead of casting it to fp32 (2 + 4 + 4 bytes).
+
+    The fp32 side is split into three bf16 parts; products of two bf16 numbers are exact in fp32
+    and the GEMM accumulates in fp32, so the result is the fp32 product up to summation order.
+    """
+    mm = mm or _mm_fp32_out
+    if split_first:                                             # (3n, k) @ (k, m) -> 3 x (n, m)
+        n = first.shape[0]
+        out = mm(_split3(first), second).view(3, n, -1)
+    else:                                                       # (n, k) @ (k, 3m) -> 3 x (n, m)
+        m = second.shape[1]
+        out = mm(first, _split3(second.T).T).view(first.shape[0], 3, m).transpose(0, 1)
+    return (out[2] + out[1]) + out[0]                           # small parts first
+
+
+def _fast_path(base: torch.Tensor, compute: torch.dtype) -> bool:
+    return (base.dtype == torch.bfloat16 and compute == torch.float32 and base.device.type == "cuda"
+            and _SPLIT_OK.get(base.device.type, True))
+
+
+def _project(base: torch.Tensor, other: torch.Tensor, base_first: bool) -> torch.Tensor:
+    """`base @ other` (base_first) or `other @ base`, fp32 math, base a frozen weight."""
+    if _fast_path(base, other.dtype):
+        try:
+            if base_first:
+                return _split_matmul(base, other, split_first=False)
+            return _split_matmul(other, base, split_first=True)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=...) on this device
+            _SPLIT_OK[base.device.type] = False
+    w = base.to(other.dtype)                                    # a transient copy if bf16
+    return w @ other if base_first else other @ w
+
+
+def base_row_norms(base: torch.Tensor) -> torch.Tensor:
+    """`||W0 rows||²` (d,) in fp32 (float64 for float64): the constant `n0` of a frozen base,
+    to compute once and pass to `lora_direction_penalty(..., base_sq_norms=...)`."""
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(base.detach().to(dtype), dim=1).square()
+
+
+class _BaseProjection(torch.autograd.Function):
+    """`C[l] = W0_l · A[l]ᵀ` (L, d, r) for frozen bases W0_l.
+
+    The bases are constants; only the bases themselves (no copies) are kept for the backward
+    `∇A[l] = ∇C[l]ᵀ · W0_l`. A bf16 base on a GPU is read as bf16, with the fp32 side split into
+    bf16 parts (`_split_matmul`); elsewhere it is cast to the compute dtype one layer at a time,
+    transiently. One matmul per layer: W0·Aᵀ reads all of W0, so it is memory-bound and one
+    launch per layer costs nothing measurable, while stacking the bases for a bmm would copy them.
     """
 
     @staticmethod
     def forward(ctx, A: torch.Tensor, *bases: torch.Tensor):
-        Cs, n0s = [], []
-        for l, base in enumerate(bases):
-            w = base.to(A.dtype)                                # (d, k), a copy only if bf16
-            Cs.append(w @ A[l].T)                               # (d, r)
-            n0s.append(torch.linalg.vector_norm(w, dim=1).square())
         ctx.save_for_backward(*bases)
-        n0 = torch.stack(n0s)
-        ctx.mark_non_differentiable(n0)
-        return torch.stack(Cs), n0
+        return torch.stack([_project(base, A[l].T, base_first=True) for l, base in enumerate(bases)])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_C: torch.Tensor, _grad_n0):
+    def backward(ctx, grad_C: torch.Tensor):
         bases = ctx.saved_tensors
-        grad_A = torch.stack([grad_C[l].T @ base.to(grad_C.dtype) for l, base in enumerate(bases)])
+        grad_A = torch.stack([_project(base, grad_C[l].T, base_first=False) for l, base in enumerate(bases)])
         return (grad_A, *([None] * len(bases)))
 
 
@@ -71,7 +124,7 @@ def _lora_one_minus_cos(n0, c, q, s, eps: float) -> torch.Tensor:
                        1 - u / torch.where(stable, one, den))
 
 
-def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype) -> torch.Tensor:
+def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype, norms) -> torch.Tensor:
     """Per-layer `1 − cos` (L,) for L layers of identical shapes, batched (method.md §1).
 
     With `C = W0·Aᵀ` (d×r) and `G = A·Aᵀ` (r×r), row i has `c_i = Σ_j B_ij C_ij`,
@@ -80,7 +133,8 @@ def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype) -> torch.Ten
     """
     A = torch.stack([a.to(cd) for a in As])                     # (L, r, k)
     B = torch.stack([b.to(cd) for b in Bs])                     # (L, d, r)
-    C, n0 = _BaseProjection.apply(A, *bases)                    # (L, d, r), (L, d)
+    C = _BaseProjection.apply(A, *bases)                        # (L, d, r)
+    n0 = torch.stack([base_row_norms(w) if n is None else n.to(cd) for w, n in zip(bases, norms)])  # (L, d)
     G = A @ A.transpose(1, 2)                                   # (L, r, r)
     c = (B * C).sum(-1)                                         # (L, d)
     q = ((B @ G) * B).sum(-1)                                   # (L, d)
@@ -94,7 +148,8 @@ def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype) -> torch.Ten
     return _lora_one_minus_cos(n0.sum(-1), c.sum(-1), q.sum(-1), s, EPS)
 
 
-def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row") -> torch.Tensor:
+def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row", *,
+                           base_sq_norms=None) -> torch.Tensor:
     """The direction penalty of `W = W0 + s·B·A` against `W0`, without forming `B·A`.
 
     Equal to `direction_penalty([W0 + s·B·A], [W0], granularity)` (to round-off), computed with
@@ -106,6 +161,8 @@ def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row"
     base:   `W0` (d×k), frozen: a constant, never copied beyond a transient fp32 cast.
     lora_A: `A` (r×k); lora_B: `B` (d×r); gradients flow to both by autograd.
     scale:  `s` (a number).
+    base_sq_norms: optional `||W0 rows||²` (d,) per layer (`base_row_norms`): the bases are
+            frozen, so a caller that keeps these saves reading every base once more per call.
     Each of these may instead be a list (one entry per layer; `scale` a number or a list):
     layers of equal shapes are stacked and computed with batched matmuls, and the result is
     the mean over all layers. fp32 math (float64 if an input is float64). At `B = 0` value and
@@ -133,6 +190,13 @@ def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row"
         scales = [scale] * len(bases)
     if len(scales) != len(bases):
         raise ValueError(f"{fn}: got {len(scales)} scales for {len(bases)} layers")
+    norms = [None] * len(bases) if base_sq_norms is None else _as_list(fn, "base_sq_norms", base_sq_norms)
+    if len(norms) != len(bases):
+        raise ValueError(f"{fn}: got {len(norms)} base_sq_norms for {len(bases)} layers")
+    for i, (w, n) in enumerate(zip(bases, norms)):
+        if n is not None and tuple(n.shape) != (w.shape[0],):
+            raise ValueError(f"{fn}: base_sq_norms[{i}] has shape {tuple(n.shape)}; the base has "
+                             f"{w.shape[0]} rows, so it needs ({w.shape[0]},)")
     for i, (w, a, b, s) in enumerate(zip(bases, As, Bs, scales)):
         for name, t in (("base", w), ("lora_A", a), ("lora_B", b)):
             _check_floating(fn, name, i, t)
@@ -151,7 +215,7 @@ def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row"
     for i, (w, a) in enumerate(zip(bases, As)):
         groups.setdefault((tuple(w.shape), a.shape[0], w.device), []).append(i)
     terms = [_lora_group([bases[i].detach() for i in idx], [As[i] for i in idx],
-                         [Bs[i] for i in idx], [scales[i] for i in idx], rows, cd)
+                         [Bs[i] for i in idx], [scales[i] for i in idx], rows, cd, [norms[i] for i in idx])
              for idx in groups.values()]
     values = terms[0] if len(terms) == 1 else torch.cat(terms)
     return values.mean()

@@ -346,5 +346,10 @@ def _sharded_angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
     return angle, dist / m0
 
 
-# The LoRA-factored form lives beside this file; importing it here keeps one import path for both.
-from dirtune.method.lora_penalty import lora_direction_penalty  # noqa: E402, F401  (re-export)
+def __getattr__(name: str):
+    # The LoRA-factored form lives beside this file and imports its helpers from here; served on
+    # first access (PEP 562) so that either module can be imported first, with one import path.
+    if name == "lora_direction_penalty":
+        from dirtune.method.lora_penalty import lora_direction_penalty
+        return lora_direction_penalty
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,7 @@ from collections import defaultdict
 import torch
 
 from dirtune.method import sharded
+from dirtune.method.lora_penalty import base_row_norms
 from dirtune.method.penalty import angle_and_drift, direction_penalty, lora_direction_penalty
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -150,6 +151,8 @@ class DirectionPenalty(torch.nn.Module):
         # Plain lists: the model's modules and parameters must not become this module's children.
         self._lora: list[tuple[str, torch.nn.Module, list[str]]] = []
         self._full: list[tuple[str, torch.nn.Module]] = []   # (name, module owning the weight)
+        # ||W0 rows||² of each frozen LoRA base, with the storage and version it was read from
+        self._norms: dict[int, tuple[int, int, torch.Tensor]] = {}
 
         found, frozen, seen = set(), [], set()
         for name, module in model.named_modules():
@@ -211,6 +214,19 @@ class DirectionPenalty(torch.nn.Module):
             scales.append(float(s))
         return bases, As, Bs, scales
 
+    def _base_norms(self, bases: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`||W0 rows||²` per LoRA base, read once: the bases are frozen, and recomputing these
+        every step would read every base weight once more. Recomputed if a base changes."""
+        out = []
+        for i, w in enumerate(bases):
+            key = (w.data_ptr(), w._version)
+            hit = self._norms.get(i)
+            if hit is None or hit[:2] != key or hit[2].device != w.device:
+                hit = (*key, base_row_norms(w))
+                self._norms[i] = hit
+            out.append(hit[2])
+        return out
+
     def _weights(self) -> list[torch.Tensor]:
         """The covered weights as their modules hold them now (a wrapper may have replaced them)."""
         return [module.weight for _, module in self._full]
@@ -236,13 +252,18 @@ class DirectionPenalty(torch.nn.Module):
     def forward(self) -> torch.Tensor:
         """`λ_dir · R`, R the mean of `1 − cos` over all covered tensors (0-d fp32 tensor)."""
         parts = []
-        if self._lora:
-            parts.append((lora_direction_penalty(*self._lora_factors(), self.granularity),
-                          len(self._lora)))
-        if self._full:
-            weights = self._weights()
-            parts.append((direction_penalty(weights, self._refs(weights), self.granularity),
-                          len(self._full)))
+        device = (_base_weight(self._lora[0][1]) if self._lora else self._full[0][1].weight).device
+        # fp32 math by design: under a caller's autocast the projections would run in bf16
+        with torch.autocast(device.type, enabled=False):
+            if self._lora:
+                factors = self._lora_factors()
+                parts.append((lora_direction_penalty(*factors, self.granularity,
+                                                     base_sq_norms=self._base_norms(factors[0])),
+                              len(self._lora)))
+            if self._full:
+                weights = self._weights()
+                parts.append((direction_penalty(weights, self._refs(weights), self.granularity),
+                              len(self._full)))
         if len(parts) == 1:
             R = parts[0][0]
         else:      # mean over all tensors = count-weighted mean of the two means

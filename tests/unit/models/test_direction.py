@@ -146,6 +146,26 @@ def test_lora_zero_at_init_then_equals_merged_dense(granularity):
     assert all(m.base_layer.weight.grad is None for m in layers)
 
 
+def test_lora_base_norms_read_once_and_again_after_the_base_changes(monkeypatch):
+    from dirtune.models import direction
+
+    calls = []
+    real = direction.base_row_norms
+    monkeypatch.setattr(direction, "base_row_norms", lambda w: calls.append(w) or real(w))
+    model = tiny_lora()
+    pen = DirectionPenalty(model, weight=1.0)
+    layers = lora_layers(model, pen)
+    perturb([m.lora_B["default"].weight for m in layers], scale=0.3)
+    first = pen().item()
+    assert len(calls) == len(layers)
+    assert pen().item() == first and len(calls) == len(layers)   # frozen bases: not read again
+    perturb([layers[0].base_layer.weight], scale=0.3)             # e.g. a merge rewrote one base
+    changed = pen().item()
+    assert len(calls) == len(layers) + 1 and changed != first
+    fresh = DirectionPenalty(model, weight=1.0)
+    assert changed == pytest.approx(fresh().item(), rel=1e-6)
+
+
 def test_lora_angles_and_skips_frozen_targets():
     model = tiny_lora()
     pen = DirectionPenalty(model, weight=1.0)           # default: all seven names, 3 have LoRA
