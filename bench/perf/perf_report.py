@@ -73,14 +73,6 @@ def markdown(results: dict) -> str:
                     [[r["case"], ", ".join(f"{k}: {v:.2f}" for k, v in r["stored_bytes_per_param"].items()) or "0",
                       _f(r["device_bytes_per_param"])] for r in mem]) + [""]
 
-    split = [r for r in _rows(results, "lora-split") if "shape" in r]
-    lines += ["## LoRA penalty: W0·Aᵀ on a bf16 base (forward + backward, one layer)",
-              _status(results, "lora-split"), ""]
-    lines += _table(["W0", "r", "split bf16 GEMM ms", "fp32 cast ms", "value rel diff", "∇A rel diff", "∇B rel diff"],
-                    [[r["shape"], r["r"], _f(r["split ms"], ".3f"), _f(r["fp32 cast ms"], ".3f"),
-                      _f(r["value rel diff"], ".1e"), _f(r["grad A rel diff"], ".1e"), _f(r["grad B rel diff"], ".1e")]
-                     for r in split]) + [""]
-
     lines += ["## Training step (batch 1, random weights)", _status(results, "train-1b"),
               _status(results, "train-7b"), ""]
     train = [("~1B full", r) for r in _rows(results, "train-1b")] + \

@@ -11,7 +11,6 @@ are rewritten into --out after every section, so a run cut short still leaves it
   step-1b    optimizer step alone, ~1B LLaMA-2-shaped parameter set, bf16 and fp32 parameters
   memory     bytes per parameter of anchors and references, by dtype and placement
   train-1b   full fine-tuning step of the ~1B model (seq 2048, batch 1)
-  lora-split the LoRA penalty's W0·Aᵀ on 7B-shaped bf16 bases: split bf16 GEMM vs fp32 cast
   train-7b   LLaMA-2-7B + LoRA r=16 on every projection (seq 2048, batch 1, checkpointing)
   step-7b    optimizer step alone, LLaMA-2-7B parameter set (32 layers bf16; 16 layers fp32)
 
@@ -46,13 +45,12 @@ from perf_measure import (  # noqa: E402
     anchor_memory,
     copy_bandwidth,
     fused_agreement,
-    lora_split,
     optimizer_step,
 )
 from perf_report import markdown  # noqa: E402
 from perf_train import training_step  # noqa: E402
 
-SECTIONS = ["copy", "agree", "step-1b", "memory", "train-1b", "lora-split", "train-7b", "step-7b"]
+SECTIONS = ["copy", "agree", "step-1b", "memory", "train-1b", "train-7b", "step-7b"]
 
 
 def plan(smoke: bool, device: torch.device, copy_bw) -> dict:
@@ -70,7 +68,6 @@ def plan(smoke: bool, device: torch.device, copy_bw) -> dict:
         "memory": (lambda: anchor_memory(big1, device), 10),
         "train-1b": (lambda: training_step(big1, device, lora=False, seq=seq, checkpointing=False,
                                            warmup=1 if smoke else 3, reps=2 if smoke else 8), 40),
-        "lora-split": (lambda: lora_split(big7, device, **reps), 15),
         "train-7b": (lambda: training_step(big7, device, lora=True, seq=seq, checkpointing=True,
                                            warmup=1 if smoke else 2, reps=2 if smoke else 5), 60),
         "step-7b": (lambda: optimizer_step(big7, bf16, device, label="7B bf16", copy_GBps=copy_bw(), **reps)

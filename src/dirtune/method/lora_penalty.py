@@ -20,56 +20,10 @@ from dirtune.method import sharded
 from dirtune.method.penalty import EPS, _as_list, _check_floating, _check_granularity, _compute_dtype
 
 
-def _split3(x: torch.Tensor) -> torch.Tensor:
-    """fp32 `x` as three bf16 parts stacked on dim 0, `x = hi + mid + lo` to ~2⁻²⁴ relative:
-    each part holds the next 8 significant bits of what the ones before left over."""
-    hi = x.to(torch.bfloat16)
-    rest = x - hi.float()                                       # exact in fp32
-    mid = rest.to(torch.bfloat16)
-    lo = (rest - mid.float()).to(torch.bfloat16)
-    return torch.cat([hi, mid, lo])
-
-
-def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bf16 × bf16 → fp32 (fp32 accumulation) in one GEMM; CUDA only (torch's mm.dtype)."""
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
-_SPLIT_OK: dict[str, bool] = {}  # device type → whether mm.dtype ran there
-
-
-def _split_matmul(first: torch.Tensor, second: torch.Tensor, split_first: bool, mm=None) -> torch.Tensor:
-    """`first @ second` in fp32 where one side is a bf16 base and the other fp32, reading the
-    base once as bf16 (2 bytes per element) instead of casting it to fp32 (2 + 4 + 4 bytes).
-
-    The fp32 side is split into three bf16 parts; products of two bf16 numbers are exact in fp32
-    and the GEMM accumulates in fp32, so the result is the fp32 product up to summation order.
-    """
-    mm = mm or _mm_fp32_out
-    if split_first:                                             # (3n, k) @ (k, m) -> 3 x (n, m)
-        n = first.shape[0]
-        out = mm(_split3(first), second).view(3, n, -1)
-    else:                                                       # (n, k) @ (k, 3m) -> 3 x (n, m)
-        m = second.shape[1]
-        out = mm(first, _split3(second.T).T).view(first.shape[0], 3, m).transpose(0, 1)
-    return (out[2] + out[1]) + out[0]                           # small parts first
-
-
-def _fast_path(base: torch.Tensor, compute: torch.dtype) -> bool:
-    return (base.dtype == torch.bfloat16 and compute == torch.float32 and base.device.type == "cuda"
-            and _SPLIT_OK.get(base.device.type, True))
-
-
 def _project(base: torch.Tensor, other: torch.Tensor, base_first: bool) -> torch.Tensor:
-    """`base @ other` (base_first) or `other @ base`, fp32 math, base a frozen weight."""
-    if _fast_path(base, other.dtype):
-        try:
-            if base_first:
-                return _split_matmul(base, other, split_first=False)
-            return _split_matmul(other, base, split_first=True)
-        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=...) on this device
-            _SPLIT_OK[base.device.type] = False
-    w = base.to(other.dtype)                                    # a transient copy if bf16
+    """`base @ other` (base_first) or `other @ base` in the compute dtype of `other`, the frozen
+    base cast one layer at a time, transiently."""
+    w = base.to(other.dtype)                                    # a copy only if bf16
     return w @ other if base_first else other @ w
 
 
@@ -83,11 +37,11 @@ def base_row_norms(base: torch.Tensor) -> torch.Tensor:
 class _BaseProjection(torch.autograd.Function):
     """`C[l] = W0_l · A[l]ᵀ` (L, d, r) for frozen bases W0_l.
 
-    The bases are constants; only the bases themselves (no copies) are kept for the backward
-    `∇A[l] = ∇C[l]ᵀ · W0_l`. A bf16 base on a GPU is read as bf16, with the fp32 side split into
-    bf16 parts (`_split_matmul`); elsewhere it is cast to the compute dtype one layer at a time,
-    transiently. One matmul per layer: W0·Aᵀ reads all of W0, so it is memory-bound and one
-    launch per layer costs nothing measurable, while stacking the bases for a bmm would copy them.
+    The bases are constants; each is cast to the compute dtype one at a time, transiently, and
+    only the bases themselves (no copies) are kept for the backward `∇A[l] = ∇C[l]ᵀ · W0_l`.
+    Plain autograd would keep the fp32 cast of every bf16 base alive until backward. One matmul
+    per layer: W0·Aᵀ reads all of W0, so it is memory-bound and one launch per layer costs
+    nothing measurable, while stacking the bases for a bmm would copy them.
     """
 
     @staticmethod
