@@ -111,6 +111,12 @@ def training_step(spec: dict, device: torch.device, *, lora: bool, seq: int, che
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens = torch.randint(0, spec["vocab"], (1, seq), device=device)
+    # Untimed forward/backward passes first: otherwise the first variant (AdamW, the baseline of
+    # every ratio) pays for the GEMM heuristics and the allocator's growth (session 2 saw AdamW's
+    # 7B LoRA step at 462 ms in one run and 393 ms in the next).
+    for _ in range(warmup):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        model.zero_grad(set_to_none=True)
     out = []
     variants = lora_variants(device.type == "cuda") if lora else full_variants(device.type == "cuda")
     for name, factory in variants:
