@@ -93,6 +93,9 @@ def test_weights_only_checkpoints_keep_the_best_model_and_refuse_resume(tiny_che
     assert "weights only" in checkpoint_problem(ckpt)
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "lean", *extra, "train.resume=auto"))
+    with pytest.raises(ConfigError, match=r"cannot be resumed: no optimizer or scheduler state: it holds "
+                                          r"weights only \(train.save_only_model\)"):
+        run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "lean", *extra, f"train.resume={ckpt}"))
 
 
 def test_gradient_accumulation_keeps_the_penalty_weight(tiny_checkpoint, task_files, tmp_path):
