@@ -5,11 +5,12 @@
           (text: documents --> EOS-joined blocks) --> datasets.Dataset per split
 
 Which split gets which data:
-  * train: data.train_file, minus the held-out part when valid_file is unset, cut to the first
+  * train: data.train_file, minus the held-out parts (valid and test by ratio), cut to the first
     data.max_samples records. Packed when data.packing (instruction data; text is always blocked).
-  * valid: data.valid_file, else data.valid_ratio of train_file (None when the ratio is 0), cut
-    to data.max_eval_samples records. Never packed, so its loss is comparable across runs.
-  * test:  data.test_file or None. Not cut: it is evaluated once, in full.
+  * valid: data.valid_file, else data.valid_ratio of train_file (of what the test split leaves;
+    None when the ratio is 0), cut to data.max_eval_samples records. Never packed, so its loss is comparable across runs.
+  * test:  data.test_file, else data.test_ratio of train_file (held out first, so that it is
+    disjoint from train and valid), or None. Not cut: it is evaluated once, in full.
   * forget: data.forget_file or None (its format always auto-detected), cut to the first
     data.max_eval_samples rows (blocks, for text): it is evaluated as often as valid, and its
     documents can be long, so the cut is on what is evaluated rather than on records.
@@ -83,6 +84,10 @@ def build_datasets(cfg_data: Any, tokenizer: Any) -> DataBundle:
     parts: dict[str, tuple[Path, str, list[Example]]] = {}
     fmt, examples = load_examples(train_path, cfg.format)
     records_read = len(examples)
+    if cfg.test_ratio > 0 and not cfg.test_file:
+        # a different seed from the validation split's, so the two hold-outs are not nested
+        examples, test = split_records(examples, cfg.test_ratio, cfg.seed + 1, train_path, "data.test_ratio")
+        parts["test"] = (train_path, fmt, test)
     if cfg.valid_file:
         valid_path = _path(cfg.valid_file, "data.valid_file")
         vfmt, valid = load_examples(valid_path, cfg.format)
@@ -91,7 +96,8 @@ def build_datasets(cfg_data: Any, tokenizer: Any) -> DataBundle:
     elif cfg.valid_ratio > 0:
         examples, valid = split_records(examples, cfg.valid_ratio, cfg.seed, train_path)
         parts["valid"] = (train_path, fmt, valid)
-    parts = {"train": (train_path, fmt, examples[: cfg.max_samples]), **parts}
+    parts = {"train": (train_path, fmt, examples[: cfg.max_samples]),
+             **{k: parts[k] for k in ("valid", "test") if k in parts}}
     if "valid" in parts:
         p, f, v = parts["valid"]
         parts["valid"] = (p, f, v[: cfg.max_eval_samples])

@@ -59,6 +59,7 @@ class DataConfig:
     valid_file: Optional[str] = _f(None, "validation file; if unset, valid_ratio of train_file")
     valid_ratio: float = _f(0.05, "share of train_file held out for validation")
     test_file: Optional[str] = _f(None, "optional test file, evaluated at the end")
+    test_ratio: float = _f(0.0, "share of train_file held out as the test split (when test_file is unset)")
     forget_file: Optional[str] = _f(None, "text from the source domain: its loss measures forgetting")
     format: Literal["auto", "alpaca", "chat", "text"] = _f("auto", "record format")
     template: Literal["auto", "llama2", "tokenizer", "plain"] = _f(
@@ -272,6 +273,7 @@ def validate(cfg: Config) -> Config:
         (cfg.finetune.loraplus_ratio is None or cfg.finetune.loraplus_ratio > 0,
          "finetune.loraplus_ratio", cfg.finetune.loraplus_ratio, "null or a number > 0"),
         (0 <= cfg.data.valid_ratio < 1, "data.valid_ratio", cfg.data.valid_ratio, "0 <= x < 1"),
+        (0 <= cfg.data.test_ratio < 1, "data.test_ratio", cfg.data.test_ratio, "0 <= x < 1"),
         (cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length, "an integer >= 2"),
         (cfg.method.direction_weight >= 0, "method.direction_weight", cfg.method.direction_weight, "a number >= 0"),
         (cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "a number > 0"),
@@ -300,6 +302,9 @@ def validate(cfg: Config) -> Config:
     for ok, key, value, accepted in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is not valid; expected {accepted}")
+    if cfg.data.test_ratio > 0 and cfg.data.test_file:
+        raise ConfigError(f"data.test_ratio: {cfg.data.test_ratio!r} holds out a test split of train_file, "
+                          "but data.test_file is set too; use one of them")
     if cfg.method.penalty != "none" and cfg.method.direction_weight == 0:
         raise ConfigError("method.direction_weight: 0 with method.penalty="
                           f"{cfg.method.penalty!r} does nothing; set a weight > 0 or penalty: none")

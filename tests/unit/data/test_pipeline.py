@@ -130,6 +130,37 @@ def test_forget_file_is_text_whatever_the_train_format(tmp_path, word_tok):
     assert b.stats["splits"]["forget"]["format"] == "text" and len(b.forget) >= 1
 
 
+def test_test_ratio_holds_out_a_third_disjoint_split(tmp_path, word_tok):
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps(alpaca_rows(40)))
+    b = build(word_tok, train_file=str(f), valid_ratio=0.1, test_ratio=0.25, max_length=64)
+    assert (len(b.train), len(b.valid), len(b.test)) == (27, 3, 10)
+    rows = lambda ds: {tuple(r) for r in ds["input_ids"]}  # noqa: E731
+    assert not rows(b.test) & rows(b.train) and not rows(b.test) & rows(b.valid)
+    assert b.stats["splits"]["test"]["file"] == str(f) and list(b.stats["splits"]) == ["train", "valid", "test"]
+    # the same files and seed give the same test split; without test_ratio nothing is held out for it
+    again = build(word_tok, train_file=str(f), valid_ratio=0.1, test_ratio=0.25, max_length=64)
+    assert again.test["input_ids"] == b.test["input_ids"]
+    assert build(word_tok, train_file=str(f), valid_ratio=0.1, max_length=64).test is None
+
+
+def test_test_ratio_on_one_text_document_takes_its_tail(tmp_path, word_tok):
+    f = tmp_path / "t.txt"
+    f.write_text("".join(f"{WORDS[i % 20]} {WORDS[(i + 7) % 20]} {WORDS[(i + 3) % 20]}\n" for i in range(200)))
+    b = build(word_tok, train_file=str(f), valid_ratio=0.1, test_ratio=0.1, max_length=16)
+    s = b.stats["splits"]
+    assert s["test"]["format"] == "text" and s["test"]["tokens"] > 0 and s["valid"]["tokens"] > 0
+    assert s["train"]["tokens"] > 5 * s["test"]["tokens"]
+
+
+def test_test_ratio_errors_name_the_key(tmp_path, word_tok):
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps(alpaca_rows(1)))
+    with pytest.raises(DataError, match=r"cannot be split by data\.test_ratio=0\.5: nothing would be left "
+                                        r"to train on; add records or set data\.test_file"):
+        build(word_tok, train_file=str(f), valid_ratio=0.0, test_ratio=0.5)
+
+
 def test_forget_text_is_cut_to_max_eval_samples_rows_not_records(tmp_path, word_tok):
     # One long document blocks into many rows; a record cut alone would keep them all.
     train = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))

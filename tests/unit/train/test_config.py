@@ -186,3 +186,11 @@ def test_example_configs_load_and_the_method_ones_turn_it_on(path):
     cfg = load_config(path, [])
     if cfg.method.penalty != "none":  # an example of the method uses both of its parts
         assert cfg.optimizer.name == "balanced_adamw" and cfg.method.direction_weight > 0
+
+
+def test_test_ratio_and_test_file_together_are_refused():
+    with pytest.raises(ConfigError, match="data.test_ratio: 0.1 holds out a test split of train_file, but "
+                                          "data.test_file is set too; use one of them"):
+        load_config(None, ["data.train_file=a.json", "data.test_file=b.json", "data.test_ratio=0.1"])
+    with pytest.raises(ConfigError, match=r"data.test_ratio: 1.0 is not valid; expected 0 <= x < 1"):
+        load_config(None, ["data.train_file=a.json", "data.test_ratio=1.0"])
