@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dirtune.train.config import load_config
 from dirtune.train.run_folder import read_metrics
@@ -96,6 +97,36 @@ def test_weights_only_checkpoints_keep_the_best_model_and_refuse_resume(tiny_che
     with pytest.raises(ConfigError, match=r"cannot be resumed: no optimizer or scheduler state: it holds "
                                           r"weights only \(train.save_only_model\)"):
         run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "lean", *extra, f"train.resume={ckpt}"))
+
+
+@pytest.mark.parametrize("kind, schedule", [("full", "decay"), ("lora", "warmup")])
+def test_strength_schedule_is_applied_and_logged(tiny_checkpoint, task_files, tmp_path, kind, schedule):
+    extra = [f"finetune.type={kind}", "finetune.lora_r=4", *METHOD, f"method.schedule={schedule}",
+             "train.log_every=1", "train.max_steps=10"]
+    if kind == "full":
+        extra += ["method.penalty=decoupled", "method.direction_weight=0.1"]
+    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / kind, *extra))
+    train = [r for r in read_metrics(tmp_path / kind / "metrics.jsonl") if r["kind"] == "train"]
+    strengths = [r["strength"] for r in train]
+    # logged after step t+1 with the factor of the update at step t (t = 0..9 of 10)
+    expected = [1 - t / 10 if schedule == "decay" else t / 10 for t in range(10)]
+    assert strengths == pytest.approx(expected)
+    if kind == "lora":  # the coupled penalty's logged value carries the factor: 0 at the first step
+        assert train[0]["penalty"] == 0.0 and train[-1]["penalty"] > 0
+
+
+def test_warmup_schedule_first_update_is_the_unanchored_one(tiny_checkpoint, task_files, tmp_path):
+    from safetensors.torch import load_file
+
+    one = ["finetune.type=full", "train.max_steps=1", "optimizer.name=balanced_adamw", "optimizer.anchor_dtype=fp32"]
+    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "warm", *one, "optimizer.weight_decay=10",
+                      "method.penalty=decoupled", "method.direction_weight=10", "method.schedule=warmup"))
+    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "none", *one, "optimizer.weight_decay=0"))
+    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "held", *one, "optimizer.weight_decay=10",
+                      "method.penalty=decoupled", "method.direction_weight=10"))
+    warm, none, held = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("warm", "none", "held"))
+    assert all(torch.equal(warm[k], none[k]) for k in none)        # factor 0: no decay, no turn
+    assert any(not torch.equal(held[k], none[k]) for k in none)    # the constant schedule does act
 
 
 def test_gradient_accumulation_keeps_the_penalty_weight(tiny_checkpoint, task_files, tmp_path):

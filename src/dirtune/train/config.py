@@ -78,6 +78,8 @@ class MethodConfig:
     penalty: Literal["none", "coupled", "decoupled"] = _f(
         "none", "weight direction penalty: in the loss (coupled) or applied by the optimizer")
     direction_weight: float = _f(0.0, "lambda_dir: strength of the direction penalty")
+    schedule: Literal["constant", "decay", "warmup"] = _f(
+        "constant", "strengths over training (lambda_dir; balanced_adamw's decay): constant, decay to 0, warmup from 0")
     granularity: Literal["row", "tensor"] = _f("row", "one direction per output row or per tensor")
     targets: list[str] = _f(list(ALL_LINEAR), "module names the penalty covers")
     reference_dtype: Literal["fp32", "bf16", "fp16", "same"] = _f(
@@ -302,6 +304,10 @@ def validate(cfg: Config) -> Config:
     for ok, key, value, accepted in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is not valid; expected {accepted}")
+    if cfg.method.schedule != "constant" and cfg.method.penalty == "none" and cfg.optimizer.name != "balanced_adamw":
+        raise ConfigError(f"method.schedule: {cfg.method.schedule!r} schedules the method's strengths, but "
+                          "there are none here (method.penalty: none, optimizer.name: adamw); set a "
+                          "penalty or optimizer.name: balanced_adamw, or schedule: constant")
     if cfg.data.test_ratio > 0 and cfg.data.test_file:
         raise ConfigError(f"data.test_ratio: {cfg.data.test_ratio!r} holds out a test split of train_file, "
                           "but data.test_file is set too; use one of them")

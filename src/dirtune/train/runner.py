@@ -27,6 +27,7 @@ from dirtune.train.callbacks import DriftMeter, EvalRecorder, FaultGuard, Progre
 from dirtune.train.config import Config, ConfigError
 from dirtune.train.faults import save_model_atomically
 from dirtune.train.plots import plot_run
+from dirtune.train.schedule import StrengthSchedule
 from dirtune.train.trainer import DTYPES, DirtuneTrainer
 
 
@@ -171,6 +172,9 @@ def run_training(cfg: Config) -> dict:
     trainer.add_callback(Progress(cfg.train.progress))
     if penalty is not None and cfg.train.drift_every > 0:
         trainer.add_callback(DriftMeter(penalty.angles, cfg.train.drift_every, extra))
+    if cfg.method.schedule != "constant":
+        trainer.add_callback(StrengthSchedule(cfg.method.schedule, penalty if cfg.method.penalty == "coupled" else None,
+                                              decay=cfg.optimizer.name == "balanced_adamw", sink=extra))
     clock = distributed.StepClock()
     trainer.add_callback(clock)
 

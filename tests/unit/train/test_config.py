@@ -194,3 +194,10 @@ def test_test_ratio_and_test_file_together_are_refused():
         load_config(None, ["data.train_file=a.json", "data.test_file=b.json", "data.test_ratio=0.1"])
     with pytest.raises(ConfigError, match=r"data.test_ratio: 1.0 is not valid; expected 0 <= x < 1"):
         load_config(None, ["data.train_file=a.json", "data.test_ratio=1.0"])
+
+
+def test_a_schedule_with_nothing_to_schedule_is_refused():
+    with pytest.raises(ConfigError, match="method.schedule: 'decay' schedules the method's strengths, but there are none"):
+        load_config(None, ["data.train_file=a.json", "method.schedule=decay"])
+    cfg = load_config(None, ["data.train_file=a.json", "method.schedule=warmup", "optimizer.name=balanced_adamw"])
+    assert cfg.method.schedule == "warmup"
