@@ -47,13 +47,13 @@ class _BaseProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A: torch.Tensor, *bases: torch.Tensor):
         ctx.save_for_backward(*bases)
-        return torch.stack([_project(base, A[l].T, base_first=True) for l, base in enumerate(bases)])
+        return torch.stack([_project(base, A[i].T, base_first=True) for i, base in enumerate(bases)])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_C: torch.Tensor):
         bases = ctx.saved_tensors
-        grad_A = torch.stack([_project(base, grad_C[l].T, base_first=False) for l, base in enumerate(bases)])
+        grad_A = torch.stack([_project(base, grad_C[i].T, base_first=False) for i, base in enumerate(bases)])
         return (grad_A, *([None] * len(bases)))
 
 
