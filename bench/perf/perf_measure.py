@@ -331,4 +331,3 @@ def anchor_memory(spec: dict, device: torch.device, layers=None) -> list[dict]:
     del params, holder
     free()
     return out
-
