@@ -96,3 +96,20 @@ def test_shipped_cpu_smoke_bench_loads():
     repo = Path(__file__).resolve().parents[3]
     cfg = load_bench_config(repo / "bench" / "cpu-smoke.yaml")
     assert len(cfg.seeds) >= 3 and cfg.baseline in [m.name for m in cfg.methods]
+
+
+REPO = Path(__file__).resolve().parents[3]
+SHIPPED = sorted(p for p in [*(REPO / "bench").glob("*.yaml"), *(REPO / "bench" / "gpu").glob("*.yaml")]
+                 if p.name != "base.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_shipped_bench_gives_a_valid_config_for_every_run(path):
+    from dirtune.bench.config import run_config
+
+    cfg = load_bench_config(path)
+    assert cfg.baseline in [m.name for m in cfg.methods] and len(cfg.seeds) >= 3
+    for pair in cfg.pairs:
+        for method in cfg.methods:
+            run = run_config(cfg, pair, method, cfg.lrs[0], cfg.seeds[0], "/tmp/x", "cpu")
+            assert run.optimizer.lr == cfg.lrs[0] and run.train.max_steps == cfg.max_steps
