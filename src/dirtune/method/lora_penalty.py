@@ -20,13 +20,6 @@ from dirtune.method import sharded
 from dirtune.method.penalty import EPS, _as_list, _check_floating, _check_granularity, _compute_dtype
 
 
-def _project(base: torch.Tensor, other: torch.Tensor, base_first: bool) -> torch.Tensor:
-    """`base @ other` (base_first) or `other @ base` in the compute dtype of `other`, the frozen
-    base cast one layer at a time, transiently."""
-    w = base.to(other.dtype)                                    # a copy only if bf16
-    return w @ other if base_first else other @ w
-
-
 def base_row_norms(base: torch.Tensor) -> torch.Tensor:
     """`||W0 rows||²` (d,) in fp32 (float64 for float64): the constant `n0` of a frozen base,
     to compute once and pass to `lora_direction_penalty(..., base_sq_norms=...)`."""
@@ -47,13 +40,14 @@ class _BaseProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A: torch.Tensor, *bases: torch.Tensor):
         ctx.save_for_backward(*bases)
-        return torch.stack([_project(base, A[i].T, base_first=True) for i, base in enumerate(bases)])
+        # the bf16→fp32 cast is transient: one layer's copy at a time
+        return torch.stack([base.to(A.dtype) @ A[i].T for i, base in enumerate(bases)])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_C: torch.Tensor):
         bases = ctx.saved_tensors
-        grad_A = torch.stack([_project(base, grad_C[i].T, base_first=False) for i, base in enumerate(bases)])
+        grad_A = torch.stack([grad_C[i].T @ base.to(grad_C.dtype) for i, base in enumerate(bases)])
         return (grad_A, *([None] * len(bases)))
 
 
