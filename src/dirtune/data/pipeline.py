@@ -14,6 +14,8 @@ Which split gets which data:
   * forget: data.forget_file or None (its format always auto-detected), cut to the first
     data.max_eval_samples rows (blocks, for text): it is evaluated as often as valid, and its
     documents can be long, so the cut is on what is evaluated rather than on records.
+  * forget_<name>: each named set of data.forget_files (forget.py), cut the same way; its
+    alpaca/chat records are measured on the responses only.
 For text, a record is a document; max_samples counts documents, not blocks.
 """
 
@@ -26,6 +28,7 @@ from typing import Any, Callable, Optional
 
 import datasets
 
+from dirtune.data.forget import PREFIX, is_forget_split, load_forget_sets
 from dirtune.data.records import DataError, Example, Text, load_examples
 from dirtune.data.splits import split_records
 from dirtune.data.templates import render, resolve_template
@@ -52,6 +55,8 @@ class DataBundle:
     test: Optional[datasets.Dataset] = None
     forget: Optional[datasets.Dataset] = None
     stats: dict = field(default_factory=dict)
+    # data.forget_files, by name, in the order given (evaluated beside valid)
+    forget_sets: dict[str, datasets.Dataset] = field(default_factory=dict)
     data_files: list[Path] = field(default_factory=list)  # every file read, for the manifest hashes
     pad_id: int = 0
 
@@ -108,6 +113,9 @@ def build_datasets(cfg_data: Any, tokenizer: Any) -> DataBundle:
             f, items = load_examples(path, file_fmt)
             records_read += len(items)
             parts[name] = (path, f, items[:limit])
+    for name, path, f, items in load_forget_sets(getattr(cfg, "forget_files", None) or []):
+        records_read += len(items)
+        parts[name] = (path, f, items[: cfg.max_eval_samples])
 
     sets, split_stats = {}, {}
     for name, (path, f, items) in parts.items():
@@ -117,8 +125,10 @@ def build_datasets(cfg_data: Any, tokenizer: Any) -> DataBundle:
     stats.update({k: sum(s[k] for s in split_stats.values()) for k in COUNTS})
     stats["splits"] = split_stats
     files = list(dict.fromkeys(path.resolve() for path, _, _ in parts.values()))
+    named = {k[len(PREFIX):]: v for k, v in sets.items() if k.startswith(PREFIX)}
     return DataBundle(train=sets["train"], valid=sets.get("valid"), test=sets.get("test"),
-                      forget=sets.get("forget"), stats=stats, data_files=files, pad_id=pad_id_of(tokenizer))
+                      forget=sets.get("forget"), stats=stats, data_files=files, pad_id=pad_id_of(tokenizer),
+                      forget_sets=named)
 
 
 def _path(value: str, key: str) -> Path:
@@ -141,12 +151,14 @@ def _tokenise(name: str, path: Path, fmt: str, items: list[Example], cfg: Any, t
         segments = [render(e, template, tokenizer, path) for e in items]
         # llama2/plain place BOS/EOS by id, so '</s>' typed in a record stays text; a chat template
         # writes its special tokens as text, so there they must be parsed (as transformers does).
-        pairs = encode_examples(tokenizer, segments, cfg.train_on_prompt, split_special=template != "tokenizer")
+        # a named forget set measures the responses alone (forget.py), whatever training does
+        on_prompt = cfg.train_on_prompt and not name.startswith(PREFIX)
+        pairs = encode_examples(tokenizer, segments, on_prompt, split_special=template != "tokenizer")
         pairs, stats["truncated"], stats["rejected"] = fit_length(
             pairs, [e.line for e in items], cfg.max_length, cfg.overlong, path)
         stats["template"], stats["examples"] = template, len(pairs)
         rows = Rows.from_pairs(pack(pairs, cfg.max_length) if cfg.packing and name == "train" else pairs)
-    if name == "forget":
+    if is_forget_split(name):
         rows = rows.head(cfg.max_eval_samples)
     if len(rows) == 0:
         raise DataError(f"{path}: the {name} split has no usable example ({len(items)} records, "

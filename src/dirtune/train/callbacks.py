@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import signal
 import sys
 import time
@@ -17,34 +19,80 @@ from dirtune.train.faults import NonFiniteError  # noqa: F401  (raised here; re-
 from dirtune.train.run_folder import MetricsLog
 
 
-class EvalRecorder(TrainerCallback):
-    """Writes an eval line per evaluation and stops at the first one whose loss <= target_loss."""
+_FORGET_METRIC = re.compile(r"eval_(forget(?:_\w+)?)_loss")
 
-    def __init__(self, log: MetricsLog, target_loss: float | None):
+
+class EvalRecorder(TrainerCallback):
+    """Writes an eval line per evaluation and stops at the first one whose loss <= target_loss.
+
+    The line holds `eval_loss` (validation) and the loss of every forget set evaluated at that
+    step: `forget_loss` (data.forget_file) and `forget_<name>_loss` (data.forget_files).
+    `save_at_target`: also ask Trainer for a checkpoint at the target (the best weights, when
+    they are kept as checkpoint folders)."""
+
+    def __init__(self, log: MetricsLog, target_loss: float | None, save_at_target: bool = True):
         self.log = log
         self.target_loss = target_loss
+        self.save_at_target = save_at_target
         self.target_step: int | None = None
-        self._forget: dict[int, float] = {}
+        self._forget: dict[int, dict[str, float]] = {}
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        # Trainer evaluates a dict of datasets one at a time, in order: the runner puts
-        # "forget" before "valid" so that one line can carry both.
+        # Trainer evaluates a dict of datasets one at a time, in order: the runner puts the
+        # forget sets before "valid" so that one line can carry them all.
         metrics = metrics or {}
-        if "eval_forget_loss" in metrics:
-            self._forget[state.global_step] = metrics["eval_forget_loss"]
+        for key, value in metrics.items():
+            m = _FORGET_METRIC.fullmatch(key)
+            if m:
+                self._forget.setdefault(state.global_step, {})[f"{m.group(1)}_loss"] = value
         loss = metrics.get("eval_valid_loss")
         if loss is None:
             return
         record = {"kind": "eval", "step": state.global_step, "eval_loss": loss}
-        if state.global_step in self._forget:
-            record["forget_loss"] = self._forget.pop(state.global_step)
+        record.update(self._forget.pop(state.global_step, {}))
         self.log.write(record)
         if self.target_loss is not None and self.target_step is None and loss <= self.target_loss:
             self.target_step = state.global_step
             self.log.write({"kind": "event", "step": state.global_step,
                             "event": f"target_loss {self.target_loss} reached (eval loss {loss:.6g})"})
             control.should_training_stop = True
-            control.should_save = True
+            control.should_save = self.save_at_target
+
+
+class BestInMemory(TrainerCallback):
+    """train.keep_best=memory: the trainable weights are copied, on their device, at every
+    evaluation whose validation loss is strictly lower than all before (Trainer's rule for the
+    best checkpoint), and `restore()` puts them back after training. This replaces a checkpoint
+    folder per improvement (540 MB for a 135M model in fp32) and reading the best one back.
+    Frozen weights (the LoRA base) never change, so they are not copied."""
+
+    def __init__(self):
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self._params: list[torch.Tensor] = []
+        self._copy: list[torch.Tensor] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        loss = (metrics or {}).get("eval_valid_loss")
+        if loss is None or not math.isfinite(loss) or (self.best is not None and loss >= self.best):
+            return
+        self.best, self.best_step = loss, state.global_step
+        with torch.no_grad():
+            if self._copy is None:
+                self._params = [p for p in model.parameters() if p.requires_grad]
+                self._copy = [p.detach().clone() for p in self._params]
+            else:
+                torch._foreach_copy_(self._copy, [p.detach() for p in self._params])
+
+    def restore(self, global_step: int) -> bool:
+        """Put the best weights back (True) unless none were kept or they are the current ones;
+        the copy is freed either way."""
+        copy, self._copy = self._copy, None
+        if copy is None or self.best_step == global_step:
+            return False
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self._params], copy)
+        return True
 
 
 class DriftMeter(TrainerCallback):

@@ -61,6 +61,9 @@ class DataConfig:
     test_file: Optional[str] = _f(None, "optional test file, evaluated at the end")
     test_ratio: float = _f(0.0, "share of train_file held out as the test split (when test_file is unset)")
     forget_file: Optional[str] = _f(None, "text from the source domain: its loss measures forgetting")
+    forget_files: list[str] = _f([], "named forget sets, 'name=path' each, evaluated beside valid as "
+                                     "forget_<name>_loss: text (blocks) or alpaca/chat records (loss on "
+                                     "the responses, under the run's template)")
     format: Literal["auto", "alpaca", "chat", "text"] = _f("auto", "record format")
     template: Literal["auto", "llama2", "tokenizer", "plain"] = _f(
         "auto", "prompt rendering: llama2 [INST], the tokenizer's chat template, or plain")
@@ -121,6 +124,11 @@ class TrainConfig:
     save_total_limit: int = _f(2, "checkpoints kept besides the best")
     save_only_model: bool = _f(
         False, "checkpoints hold the weights alone (no optimizer state): smaller and faster, not resumable")
+    keep_best: Literal["disk", "memory"] = _f(
+        "disk", "best weights (lowest validation loss): a checkpoint folder at each improvement, or a copy in "
+        "memory (no folders; not kept across a resume), put back at the end")
+    save_final: bool = _f(True, "write final/ (the best weights) at the end; false for runs whose weights nobody reads")
+    plot: bool = _f(True, "draw loss.png at the end of the run")
     log_every: int = _f(1, "log training metrics every k steps")
     drift_every: int = _f(10, "compute angle/drift to the pretrained weights every k steps")
     resume: Optional[str] = _f(None, "checkpoint folder, or 'auto' for the newest in output_dir")
@@ -308,6 +316,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"method.schedule: {cfg.method.schedule!r} schedules the method's strengths, but "
                           "there are none here (method.penalty: none, optimizer.name: adamw); set a "
                           "penalty or optimizer.name: balanced_adamw, or schedule: constant")
+    from dirtune.data.forget import parse_forget_files  # stdlib-only module
+    from dirtune.data.records import DataError
+    try:
+        parse_forget_files(cfg.data.forget_files)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.test_ratio > 0 and cfg.data.test_file:
         raise ConfigError(f"data.test_ratio: {cfg.data.test_ratio!r} holds out a test split of train_file, "
                           "but data.test_file is set too; use one of them")

@@ -18,12 +18,13 @@ import transformers
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from dirtune.data import build_datasets, collate
+from dirtune.data import collate
+from dirtune.data.cache import build_datasets_cached
 from dirtune.models.direction import DirectionPenalty
 from dirtune.models.loading import check_tokenizer_matches, count_parameters, load_model, load_tokenizer
 from dirtune.models.lora import apply_lora, prepare_full_finetune
 from dirtune.train import distributed, run_folder
-from dirtune.train.callbacks import DriftMeter, EvalRecorder, FaultGuard, Progress
+from dirtune.train.callbacks import BestInMemory, DriftMeter, EvalRecorder, FaultGuard, Progress
 from dirtune.train.config import Config, ConfigError
 from dirtune.train.faults import save_model_atomically
 from dirtune.train.plots import plot_run
@@ -78,6 +79,9 @@ def build_penalty(model, cfg: Config):
 def training_arguments(cfg: Config, out: Path, resuming: bool, has_valid: bool) -> TrainingArguments:
     t = cfg.train
     warmup = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
+    # keep_best=memory: no checkpoint folder per improvement and no reload (callbacks.BestInMemory)
+    best_on_disk = has_valid and t.keep_best == "disk"
+    save_strategy = "steps" if t.save_every else ("best" if best_on_disk else "no")
     return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=t.batch_size,
@@ -98,13 +102,13 @@ def training_arguments(cfg: Config, out: Path, resuming: bool, has_valid: bool) 
         eval_strategy="steps" if has_valid else "no",
         eval_steps=t.eval_every,
         eval_on_start=has_valid and not resuming,
-        save_strategy=("steps" if t.save_every else "best") if has_valid else "steps",
+        save_strategy=save_strategy if has_valid else "steps",
         save_steps=t.save_every or t.eval_every,
         save_total_limit=t.save_total_limit,
         save_only_model=t.save_only_model,
-        metric_for_best_model="eval_valid_loss" if has_valid else None,
+        metric_for_best_model="eval_valid_loss" if best_on_disk else None,
         greater_is_better=False,
-        load_best_model_at_end=has_valid,
+        load_best_model_at_end=best_on_disk,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         disable_tqdm=True,
         dataloader_num_workers=t.num_workers,
@@ -115,9 +119,22 @@ def training_arguments(cfg: Config, out: Path, resuming: bool, has_valid: bool) 
     )
 
 
+_LAST: dict = {}  # the last run this process trained: {"out", "model", "tokenizer"}
+
+
+def trained_model(output_dir: str | Path):
+    """(model, tokenizer) of the last run this process trained into `output_dir`, its best weights
+    in memory, or None: lets a caller (the bench's metric) use the model without reading
+    final/ back from disk."""
+    if _LAST and _LAST["out"] == Path(output_dir).resolve():
+        return _LAST["model"], _LAST["tokenizer"]
+    return None
+
+
 def run_training(cfg: Config) -> dict:
     """Train per `cfg`; write the run folder; return the summary (also in summary.json)."""
     started = time.perf_counter()
+    _LAST.clear()  # the previous run's model: free it before this one loads
     _select_device(cfg.train.device)
     # several processes (accelerate launch): all train, the main one alone writes the folder
     is_main, world = distributed.processes(cfg)
@@ -125,6 +142,9 @@ def run_training(cfg: Config) -> dict:
         # transformers cannot reload the best weights of a sharded run from a weights-only save
         raise ConfigError("train.save_only_model: true is for single-process runs; "
                           f"this run has {world} processes, leave it false")
+    if world > 1 and cfg.train.keep_best == "memory":
+        raise ConfigError("train.keep_best: memory is for single-process runs; "
+                          f"this run has {world} processes, use disk")
     out, resume_ckpt = distributed.on_main(lambda: run_folder.resolve(cfg), is_main, world)
     set_seed(cfg.train.seed)  # the same on every process: the same initial weights
     transformers.logging.set_verbosity_error()
@@ -132,7 +152,7 @@ def run_training(cfg: Config) -> dict:
     transformers.logging.disable_progress_bar()
 
     model, tokenizer = build_model(cfg)
-    data = build_datasets(cfg.data, tokenizer)
+    data = build_datasets_cached(cfg.data, tokenizer)  # the same data as the last runs: built once
     if is_main:
         print(data.summary(), file=sys.stderr)
     penalty = build_penalty(model, cfg)
@@ -153,11 +173,13 @@ def run_training(cfg: Config) -> dict:
     if data.forget is not None and data.valid is not None:
         evals["forget"] = data.forget  # first: EvalRecorder writes one line when "valid" arrives
     if data.valid is not None:
+        evals.update({f"forget_{name}": ds for name, ds in data.forget_sets.items()})
         evals["valid"] = data.valid
     # transformers 5 takes the TensorBoard folder from the environment only
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
     args = training_arguments(cfg, out, resume_ckpt is not None, bool(evals))
-    recorder = EvalRecorder(log, cfg.train.target_loss)
+    in_memory = bool(evals) and cfg.train.keep_best == "memory"
+    recorder = EvalRecorder(log, cfg.train.target_loss, save_at_target=not in_memory)
     trainer = DirtuneTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=evals or None,
         data_collator=functools.partial(collate, pad_id=data.pad_id), processing_class=tokenizer,
@@ -168,6 +190,9 @@ def run_training(cfg: Config) -> dict:
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(recorder)
+    best = BestInMemory() if in_memory else None
+    if best is not None:
+        trainer.add_callback(best)
     trainer.add_callback(guard)
     trainer.add_callback(Progress(cfg.train.progress))
     if penalty is not None and cfg.train.drift_every > 0:
@@ -185,19 +210,29 @@ def run_training(cfg: Config) -> dict:
 
     test_loss = final = None
     if guard.interrupted is None:
+        if best is not None:
+            best.restore(trainer.state.global_step)
         if data.test is not None:
             test_loss = trainer.evaluate(eval_dataset={"test": data.test})["eval_test_loss"]
-        # the model in memory: the best checkpoint's when validated (load_best_model_at_end), else the last
-        final = save_model_atomically(trainer, out / "final")
+        # the model in memory: the best weights when validated (load_best_model_at_end or
+        # BestInMemory), else the last
+        if cfg.train.save_final:
+            final = save_model_atomically(trainer, out / "final")
+        _LAST.update(out=Path(out).resolve(), model=trainer.model, tokenizer=tokenizer)
     records = log.read()
     summary = summarise(records, cfg, recorder.target_step, trainer, test_loss)
+    summary["forget"] = forget_summary(records, summary["best_step"], data.forget_sets)
+    summary["epochs"] = _epochs(trainer.state.global_step, cfg, world, len(data.train))
+    if in_memory:  # final/ holds the best weights; there is no checkpoint folder
+        summary["best_checkpoint"] = str(final) if final else None
     summary.update(wall_time_s=time.perf_counter() - started, interrupted=guard.interrupted,
                    skipped_steps=guard.skipped, data=data.stats, final_model=str(final) if final else None,
                    **distributed.timing_summary(clock, world))
     if is_main:
         if guard.interrupted is None:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
+        if cfg.train.plot:
+            plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
     distributed.finish(world)
     return summary
 
@@ -220,3 +255,23 @@ def summarise(records: list[dict], cfg: Config, target_step, trainer, test_loss)
         "forget_loss_end": forget[-1] if forget else None,
         "best_checkpoint": trainer.state.best_model_checkpoint,
     }
+
+
+def forget_summary(records: list[dict], best_step, names) -> dict:
+    """Per named forget set: its loss at the first and last evaluation, and at the best
+    validation step (None where not measured)."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    out = {}
+    for name in names:
+        key = f"forget_{name}_loss"
+        seen = [(r["step"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
+        at_best = [v for step, v in seen if step == best_step]
+        out[name] = {"start": seen[0][1] if seen else None, "end": seen[-1][1] if seen else None,
+                     "at_best": at_best[-1] if at_best else None}
+    return out
+
+
+def _epochs(steps: int, cfg: Config, world: int, rows: int) -> float | None:
+    """Passes over the training rows: optimizer steps x examples per step / rows."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    return steps * per_step / rows if rows else None

@@ -1,0 +1,100 @@
+"""Named forget sets and the best weights kept in memory, end to end on the tiny random LLaMA (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dirtune.train.config import load_config
+from dirtune.train.run_folder import read_metrics
+from dirtune.train.runner import run_training, trained_model
+
+
+def _cfg(ckpt, files, out, *extra):
+    return load_config(None, [
+        f"model.path={ckpt}", f"data.train_file={files['task_train']}", f"data.valid_file={files['task_valid']}",
+        f"data.test_file={files['task_test']}", f"data.forget_file={files['source_valid']}",
+        f"data.forget_files=[web={files['source_valid']}, instruct={files['task_test']}]",
+        "data.max_length=128", "data.max_eval_samples=12", "data.max_samples=40", f"train.output_dir={out}",
+        "train.batch_size=4", "train.eval_batch_size=16", "train.max_steps=20", "train.eval_every=5",
+        "train.progress=false", "train.report_to=[none]", "train.device=cpu", "train.drift_every=0",
+        "finetune.type=full", "optimizer.lr=3e-3", *extra])
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_checkpoint, task_files, tmp_path_factory):
+    """The same run with the best weights on disk (checkpoint folders) and in memory."""
+    tmp = tmp_path_factory.mktemp("keep-best")
+    disk = run_training(_cfg(tiny_checkpoint, task_files, tmp / "disk"))
+    memory = run_training(_cfg(tiny_checkpoint, task_files, tmp / "memory", "train.keep_best=memory"))
+    return tmp, disk, memory
+
+
+def test_every_eval_line_carries_every_forget_set(runs):
+    tmp, disk, _ = runs
+    evals = [r for r in read_metrics(tmp / "disk" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 5, 10, 15, 20]
+    for r in evals:
+        assert {"eval_loss", "forget_loss", "forget_web_loss", "forget_instruct_loss"} <= r.keys()
+        # the legacy set and "web" are the same file, cut alike: the same loss
+        assert r["forget_web_loss"] == pytest.approx(r["forget_loss"], rel=1e-6)
+    best = next(r for r in evals if r["step"] == disk["best_step"])
+    for name in ("web", "instruct"):
+        key = f"forget_{name}_loss"
+        assert disk["forget"][name] == {"start": evals[0][key], "end": evals[-1][key], "at_best": best[key]}
+    assert disk["forget_loss_start"] == evals[0]["forget_loss"] and disk["forget_loss_end"] == evals[-1]["forget_loss"]
+    rows = disk["data"]["splits"]["train"]["rows"]
+    assert disk["epochs"] == pytest.approx(20 * 4 / rows)
+    assert disk["data"]["splits"]["forget_instruct"]["format"] == "alpaca"
+
+
+def test_best_in_memory_equals_best_on_disk(runs):
+    tmp, disk, memory = runs
+    assert memory["best_step"] == disk["best_step"] and memory["best_eval_loss"] == disk["best_eval_loss"]
+    assert memory["test_loss"] == pytest.approx(disk["test_loss"], rel=1e-6)
+    assert not list((tmp / "memory").glob("checkpoint-*")) and list((tmp / "disk").glob("checkpoint-*"))
+    assert memory["best_checkpoint"] == str(tmp / "memory" / "final")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp / "disk" / "final" / "model.safetensors")
+    b = load_file(tmp / "memory" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_final_folder_and_the_model_stays_in_memory(tiny_checkpoint, task_files, tmp_path, runs):
+    _, disk, _ = runs
+    out = tmp_path / "lean"
+    lean = run_training(_cfg(tiny_checkpoint, task_files, out, "train.keep_best=memory", "train.save_final=false",
+                             "train.plot=false"))
+    assert not (out / "final").exists() and not (out / "loss.png").exists() and (out / "summary.json").is_file()
+    assert lean["final_model"] is None and lean["best_checkpoint"] is None
+    assert lean["test_loss"] == pytest.approx(disk["test_loss"], rel=1e-6)
+    model, tokenizer = trained_model(out)
+    assert trained_model(tmp_path / "elsewhere") is None
+    model.eval()
+    ids = tokenizer("Alice lives in", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_best_at_the_start_puts_the_pretrained_weights_back(tiny_checkpoint, task_files, tmp_path):
+    # a validation set that training can only make worse (responses of a character the task never
+    # shows): its best loss is the one before training, at step 0. (Checkpoint folders cannot hold
+    # step 0: Trainer does not save at its first evaluation.)
+    import json
+
+    from safetensors.torch import load_file
+
+    valid = tmp_path / "tilde.jsonl"
+    valid.write_text("".join(json.dumps({"instruction": "Who lives in town?", "output": "~" * 40}) + "\n"
+                             for _ in range(8)))
+    out = tmp_path / "memory"
+    summary = run_training(_cfg(tiny_checkpoint, task_files, out, "train.keep_best=memory",
+                                f"data.valid_file={valid}", "train.max_steps=10"))
+    evals = [r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert summary["best_step"] == 0 and evals[0] < min(evals[1:])
+    before = load_file(Path(tiny_checkpoint) / "model.safetensors")
+    after = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(after[k], before[k]) for k in after)

@@ -1,0 +1,98 @@
+"""callbacks.py: the eval line with every forget set, and the best weights kept in memory."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dirtune.train.callbacks import BestInMemory, EvalRecorder
+
+
+class ListLog:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record)
+
+
+def _state(step):
+    return SimpleNamespace(global_step=step)
+
+
+def test_one_line_carries_every_forget_set():
+    log = ListLog()
+    rec = EvalRecorder(log, target_loss=None)
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    rec.on_evaluate(None, _state(10), control, metrics={"eval_forget_loss": 3.0, "eval_forget_runtime": 1.0})
+    rec.on_evaluate(None, _state(10), control, metrics={"eval_forget_web_loss": 2.5})
+    rec.on_evaluate(None, _state(10), control, metrics={"eval_forget_in_struct_loss": 1.5})
+    assert log.records == []  # nothing until the validation loss arrives
+    rec.on_evaluate(None, _state(10), control, metrics={"eval_valid_loss": 1.0})
+    assert log.records == [{"kind": "eval", "step": 10, "eval_loss": 1.0, "forget_loss": 3.0,
+                            "forget_web_loss": 2.5, "forget_in_struct_loss": 1.5}]
+    rec.on_evaluate(None, _state(20), control, metrics={"eval_valid_loss": 0.9})
+    assert log.records[-1] == {"kind": "eval", "step": 20, "eval_loss": 0.9}
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_target_stop_asks_for_a_checkpoint_only_when_told(save):
+    log = ListLog()
+    rec = EvalRecorder(log, target_loss=1.0, save_at_target=save)
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    rec.on_evaluate(None, _state(30), control, metrics={"eval_valid_loss": 0.99})
+    assert rec.target_step == 30 and control.should_training_stop and control.should_save is save
+
+
+def _model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)  # frozen: never copied
+    return model
+
+
+def _bump(model, by):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(by)
+
+
+def test_best_weights_are_the_lowest_loss_ones_and_come_back():
+    model = _model()
+    frozen = model[0].weight.clone()
+    best = BestInMemory()
+    for step, loss in [(0, 3.0), (10, 2.0), (20, 2.0), (30, 2.5), (40, float("nan"))]:
+        if step:
+            _bump(model, 1.0)
+        if step == 10:
+            at_best = [p.clone() for p in model.parameters()]
+        best.on_evaluate(None, _state(step), None, metrics={"eval_valid_loss": loss}, model=model)
+    assert (best.best, best.best_step) == (2.0, 10)  # a tie does not replace the earlier best
+    assert len(best._copy) == 3  # the trainable tensors only
+    assert best.restore(global_step=40)
+    for p, q in zip(model.parameters(), at_best):
+        if p.requires_grad:
+            assert torch.equal(p, q)
+    assert torch.allclose(model[0].weight, frozen + 4.0)  # the frozen one was left as it is
+    assert best._copy is None and not best.restore(global_step=40)  # freed after use
+
+
+def test_restore_is_a_no_op_when_the_last_weights_are_the_best():
+    model = _model()
+    best = BestInMemory()
+    best.on_evaluate(None, _state(0), None, metrics={"eval_valid_loss": 3.0}, model=model)
+    _bump(model, 1.0)
+    best.on_evaluate(None, _state(10), None, metrics={"eval_valid_loss": 1.0}, model=model)
+    now = [p.clone() for p in model.parameters()]
+    assert not best.restore(global_step=10)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), now))
+
+
+def test_no_finite_loss_keeps_nothing():
+    best = BestInMemory()
+    best.on_evaluate(None, _state(0), None, metrics={"eval_valid_loss": math.inf}, model=_model())
+    best.on_evaluate(None, _state(0), None, metrics={"eval_forget_loss": 1.0}, model=_model())
+    assert best.best is None and not best.restore(global_step=0)
