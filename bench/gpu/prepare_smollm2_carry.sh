@@ -25,10 +25,10 @@ head -n 480 "$B/gsm8k_train.jsonl" > .gpu3/data/gsm8k_train.jsonl      # 408 tra
 head -n 200 "$B/gsm8k_test.jsonl" > .gpu3/data/gsm8k_test.jsonl        # test loss; metric on the first 100
 install -m 644 "$B/alpaca_en_demo.json" "$B/identity.json" .gpu3/data/
 xz -6 -c "$B/c4_demo.jsonl" > .gpu3/data/c4_demo.jsonl.xz             # forget set "web" (first 64 blocks used)
-python3 - "$B/tinyshakespeare_input.txt" .gpu3/data/tinyshakespeare_400k.txt <<'EOF'
+python3 - "$B/tinyshakespeare_input.txt" .gpu3/data/tinyshakespeare_370k.txt <<'EOF'
 import sys
 text = open(sys.argv[1], encoding="utf-8").read()
-cut = text.index("\n", 400_000) + 1          # the first 400k characters, to the end of a line
+cut = text.index("\n", 370_000) + 1          # the first 370k characters, to the end of a line
 open(sys.argv[2], "w", encoding="utf-8").write(text[:cut])
 EOF
 
