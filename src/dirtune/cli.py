@@ -87,6 +87,10 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         if not a.tokenizer:
             raise SystemExit("dirtune convert llama2c: --tokenizer TOKENIZER.model is required")
         out = convert_llama2c(a.source, a.tokenizer, a.out, dtype=a.dtype)
+    elif a.format == "gguf":
+        from dirtune.models.convert_gguf import convert_gguf
+
+        out = convert_gguf(a.source, a.out, dtype=a.dtype)
     else:
         from dirtune.models.convert_meta import convert_meta
 
@@ -146,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model (default: from adapter_config.json)")
     m.set_defaults(func=_cmd_merge)
 
-    c = sub.add_parser("convert", help="llama2.c .bin or Meta consolidated.*.pth -> transformers")
-    c.add_argument("format", choices=["llama2c", "meta"])
-    c.add_argument("source", help="llama2.c .bin file, or the Meta release folder")
+    c = sub.add_parser("convert", help="llama2.c .bin, Meta consolidated.*.pth or .gguf -> transformers")
+    c.add_argument("format", choices=["llama2c", "meta", "gguf"])
+    c.add_argument("source", help="llama2.c .bin file, the Meta release folder, or a .gguf file")
     c.add_argument("out")
     c.add_argument("--tokenizer", help="sentencepiece tokenizer.model (llama2c)")
     c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
