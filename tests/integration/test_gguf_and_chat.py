@@ -51,6 +51,12 @@ def test_train_lora_on_a_gguf_then_generate_eval_merge(tiny_gguf, task_files, tm
     ids = torch.randint(3, 250, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, lora(ids).logits, rtol=1e-4, atol=1e-5)
+    from dirtune.bench.tasks import load_checkpoint  # the bench's metric loader reads it too
+
+    bench_model, bench_tok = load_checkpoint(adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(bench_model(ids).logits, lora(ids).logits, rtol=0, atol=0)
+    assert bench_tok.chat_template
     capsys.readouterr()
     assert main(["generate", str(merged), "Who is", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == from_adapter  # greedy: the same continuation

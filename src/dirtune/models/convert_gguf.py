@@ -81,9 +81,13 @@ def load_gguf_config(path: PathLike):
 
 def _dequantize_kwargs() -> dict:
     """Ask newer transformers (GgufConfig) to unpack every weight, never keep packed GGUF blocks."""
+    import inspect
+
     try:
         from transformers import GgufConfig
     except ImportError:  # older releases always dequantize
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig).parameters:
         return {}
     return {"quantization_config": GgufConfig(dequantize=True)}
 

@@ -149,17 +149,17 @@ def test_cli_convert_gguf(tiny_gguf, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_answers_paris(shared_dir, tmp_path):
-    """The real SmolLM2-135M-Instruct Q4_1 file converts to a model that still knows its facts."""
+    """The real SmolLM2-135M-Instruct Q4_1 file converts to a model that still knows its facts,
+    asked the way `dirtune chat` asks (its chat template)."""
+    from dirtune.models.lora import Conversation, load_for_inference
+
     src = shared_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not src.is_file():
         pytest.skip(f"{src} is not there")
     out = convert_gguf(src, tmp_path / "smollm2", dtype="bf16")
-    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model, tok = load_for_inference(out)
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
-    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        ids = model.generate(**enc, max_new_tokens=16, do_sample=False)
-    answer = tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "<|im_start|>" in tok.chat_template
+    answer = Conversation(model, tok, max_new_tokens=16).reply("What is the capital of France?")
     assert "Paris" in answer, answer
