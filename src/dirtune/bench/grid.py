@@ -326,13 +326,15 @@ def _commit_line(text: str) -> str:
 
 
 def _commit() -> str:
-    """git commit of the dirtune source tree and whether it had uncommitted changes."""
-    src = Path(__file__).resolve().parent
+    """git commit of the dirtune source tree and whether the package (src/dirtune) had
+    uncommitted changes; results folders and bench files are not code (bench.yaml records the
+    bench as run), and a report-only pass over several folders edits tracked results."""
+    src = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=src, capture_output=True, text=True, check=True).stdout.strip() != ""
     except (OSError, subprocess.CalledProcessError):
         return "commit: unknown (not a git checkout)\n"
     return f"commit: {head}\ndirty: {str(dirty).lower()}\n"

@@ -109,6 +109,7 @@ HOW_TO_READ = """\
 - **Forgetting**: change of the loss on text from the pretraining domain since step 0 (positive
   = forgot), at the end and at the best checkpoint, per forget set (`source`: the single
   data.forget_file of runs before named sets).
+- "–": not measured (e.g. a task without a test split) or not defined (a target not reached).
 """
 
 
