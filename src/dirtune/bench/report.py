@@ -354,8 +354,7 @@ def write_report(out_dir: str | Path, results: dict) -> Path:
         target = pair["analysis"]["target"]
         pair["plots"] = {
             "val_loss": plot_curves(out / f"val_loss_{name}.png", pair, "curve",
-                                    f"{name}: validation loss at each method's chosen rate "
-                                    "(median, min–max over seeds)",
+                                    f"{name}: validation loss at each method's chosen rate",
                                     "validation loss (nats/token)", target),
             "rates": plot_rates(out / f"rates_{name}.png", pair, name, base),
             "tradeoff": plot_tradeoff(out / f"tradeoff_{name}.png", pair, name),

@@ -62,8 +62,9 @@ def plot_curves(path: Path, pair: dict, key: str, title: str, ylabel: str,
     start = last / 3
     for i, m, r, steps, med, lo, hi, n in bands:
         lr = f", lr {r['chosen_lr']:g}" if r["chosen_lr"] else ""
+        edge = " (grid check FAILED)" if (r.get("edge") or {}).get("edge") else ""
         for a in (ax, zoom):
-            a.plot(steps, med, "o-", ms=2.5, lw=1.6, color=_colour(i), label=f"{m}{lr} (n={n})")
+            a.plot(steps, med, "o-", ms=2.5, lw=1.6, color=_colour(i), label=f"{m}{lr} (n={n}){edge}")
             a.fill_between(steps, lo, hi, color=_colour(i), alpha=0.18, lw=0)
         tail_values += [v for s, a, b, c in zip(steps, med, lo, hi) if s >= start for v in (a, b, c)]
     if target is not None:
