@@ -98,9 +98,9 @@ def at_one_rate(p):
             med = (m.get("speedup") or {}).get("median")
             if name != "adamw" and isinstance(med, (int, float)) and (best is None or med > best[0]):
                 best = (med, name, lr)
-    if best is None:
-        return "–"
-    return "none" if best[0] <= 1.0 else f"{best[1]} {best[0]:.2f}× at lr {best[2]}"
+    if not p.get("at_rates"):
+        return "–"  # a summary from before protocol v2
+    return "none" if best is None or best[0] <= 1.0 else f"{best[1]} {best[0]:.2f}× at lr {best[2]}"
 
 
 def curve(benches):
