@@ -149,6 +149,8 @@ def _at_rates(pair: dict, bench: dict) -> list[str]:
             c = pair["at_rates"][lr]["methods"][m]
             if c["diverged"]:
                 reach.append("diverged")
+            elif (rows.get(lr) or {}).get("errors") or lr not in rows:
+                reach.append("failed")
             elif pair["at_rates"][lr]["target"] is None:
                 reach.append("–")
             else:

@@ -111,7 +111,7 @@ def plot_rates(path: Path, pair: dict, name: str, baseline: str) -> bool:
         if diff:
             rel.plot([p[0] for p in diff], [p[1] for p in diff], **style)
         chosen = r.get("chosen_lr")
-        if chosen is not None:
+        if chosen in dict(pts):
             ax.plot([chosen], [dict(pts)[chosen]], "*", ms=13, color=_colour(i), mec="black", mew=0.6)
             if dict(diff).get(chosen) is not None:
                 rel.plot([chosen], [dict(diff)[chosen]], "*", ms=13, color=_colour(i), mec="black", mew=0.6)

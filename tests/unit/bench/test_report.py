@@ -126,6 +126,12 @@ def test_comparison_at_every_rate(tmp_path):
     # diverged: no reference
     assert reach["adamw"] == "| adamw | 30 · 1.00× | diverged |"
     assert reach["anchored"] == "| anchored | not reached | – |"
+    res = _results()  # a tune run that failed (not diverged) says so in both tables
+    res["pairs"]["p"]["methods"]["slow"]["tuning"][1].update(score=None, errors={0: "OOM"})
+    write_report(tmp_path, res)
+    md = (tmp_path / "report.md").read_text()
+    assert _rows(md, "Best validation loss, mean over")["slow"] == "| slow | **2.2000** | failed |"
+    assert _rows(md, "Steps to adamw's best loss")["slow"] == "| slow | not reached | failed |"
 
 
 def test_overtraining_and_forgetting_tables(tmp_path):
