@@ -253,28 +253,33 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool 
     if report_only:
         results["bench"]["report_commit"] = _commit_line(_commit())
     for plan in plans:
-        name = plan.pair.name
-        methods, at_rates = {}, {}
-        for m in cfg.methods:
-            t = plan.tuning.get(m.name) or {"tuning": [], "chosen_lr": None}
-            lr = t["chosen_lr"]
-            runs = {s: read_run(run_path(out, name, m.name, lr, s)) for s in cfg.seeds} if lr else {}
-            methods[m.name] = {**t, "runs": runs, "edge": plan.edge(m.name)}
-        for lr in plan.grid:
-            at_rates[lr] = metrics.compare_at_rate(
-                {m.name: {s: read_run(run_path(out, name, m.name, lr, s)) for s in cfg.tune_seeds}
-                 for m in cfg.methods}, cfg.baseline)
-        expected = [run_path(out, name, m.name, lr, s) for m in cfg.methods for lr in plan.grid
-                    for s in cfg.tune_seeds]
-        expected += [run_path(out, name, m, methods[m]["chosen_lr"], s) for m in methods
-                     if methods[m]["chosen_lr"] is not None for s in cfg.seeds]
-        missing = sum(not ((d / "summary.json").is_file() or (d / "error.txt").is_file())
-                      for d in set(expected))
-        results["pairs"][name] = {"metric": plan.pair.metric, "methods": methods,
-                                  "grid": {**plan.info(), "missing_runs": missing}, "at_rates": at_rates,
-                                  "analysis": metrics.analyse_pair(methods, cfg.baseline)}
+        results["pairs"][plan.pair.name] = _pair_results(out, plan, cfg)
     write_report(out, results)
     return results
+
+
+def _pair_results(out: Path, plan: PairPlan, cfg: BenchConfig) -> dict:
+    """One pair's entry of the results: runs read back, the grid, the comparison at every rate,
+    the count of runs that never started, and the analysis."""
+    name = plan.pair.name
+    methods, at_rates = {}, {}
+    for m in cfg.methods:
+        t = plan.tuning.get(m.name) or {"tuning": [], "chosen_lr": None}
+        lr = t["chosen_lr"]
+        runs = {s: read_run(run_path(out, name, m.name, lr, s)) for s in cfg.seeds} if lr else {}
+        methods[m.name] = {**t, "runs": runs, "edge": plan.edge(m.name)}
+    for lr in plan.grid:
+        at_rates[lr] = metrics.compare_at_rate(
+            {m.name: {s: read_run(run_path(out, name, m.name, lr, s)) for s in cfg.tune_seeds}
+             for m in cfg.methods}, cfg.baseline)
+    expected = {run_path(out, name, m.name, lr, s) for m in cfg.methods for lr in plan.grid
+                for s in cfg.tune_seeds}
+    expected |= {run_path(out, name, m, methods[m]["chosen_lr"], s) for m in methods
+                 if methods[m]["chosen_lr"] is not None for s in cfg.seeds}
+    missing = sum(not ((d / "summary.json").is_file() or (d / "error.txt").is_file()) for d in expected)
+    return {"metric": plan.pair.metric, "methods": methods, "at_rates": at_rates,
+            "grid": {**plan.info(), "missing_runs": missing},
+            "analysis": metrics.analyse_pair(methods, cfg.baseline)}
 
 
 def _tune(out: Path, pair: str, method: str, lrs: list[float], cfg: BenchConfig) -> dict:
