@@ -41,6 +41,7 @@ def old_run(tmp_path) -> Path:
     save_file({"w": torch.ones(2, 2)}, str(ckpt / "adapter_model.safetensors"))
     torch.save({"state": {}}, ckpt / "optimizer.pt")
     torch.save({"last_epoch": 4}, ckpt / "scheduler.pt")
+    torch.save({"python": 1}, ckpt / "rng_state.pth")
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     (out / "final").mkdir()
     shutil.copy(ckpt / "adapter_model.safetensors", out / "final")
@@ -50,6 +51,12 @@ def old_run(tmp_path) -> Path:
     (out / "config.yaml").write_text("train: {}\n")
     (out / "notes.txt").write_text("my notes")
     return out
+
+
+def unfinished(run: Path) -> None:
+    """The run killed before its end: a run to resume (a finished one is refused at once)."""
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "final")
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -138,6 +145,8 @@ def assert_clean_failure(code: int, err: str, expected: str) -> None:
 @pytest.mark.parametrize("case, overrides, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_clearly_and_touches_nothing(good_yaml, old_run, tiny_checkpoint, tmp_path, capsys,
                                                      case, overrides, expected, mode):
+    if mode == "--resume":
+        unfinished(old_run)
     before = snapshot(old_run)
     code, err = run(["train", str(good_yaml), f"train.output_dir={old_run}", *overrides(tmp_path, tiny_checkpoint),
                      mode], capsys)
@@ -154,6 +163,7 @@ def test_output_folder_holding_a_run_is_refused(good_yaml, old_run, capsys):
 
 
 def test_damaged_checkpoint_named_for_resume_is_refused(good_yaml, old_run, capsys):
+    unfinished(old_run)
     ckpt = old_run / "checkpoint-4"
     (ckpt / "optimizer.pt").write_bytes(b"")
     before = snapshot(old_run)

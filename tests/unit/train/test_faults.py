@@ -143,6 +143,13 @@ def test_check_finite_weights_names_the_step():
     faults.check_finite_weights([], 0)
 
 
+@pytest.fixture(autouse=True)
+def released():
+    """Each test's run-folder locks are given back, as run_training does at its end."""
+    yield
+    run_folder.release()
+
+
 def _cfg(out: Path, *extra: str):
     return load_config(None, [f"train.output_dir={out}", *extra])
 
@@ -186,7 +193,9 @@ def test_resolve_refuses_a_used_folder_and_writes_nothing(tmp_path):
     make_checkpoint(tmp_path / "checkpoint-5", 5)
     (tmp_path / "final").mkdir()
     run_folder.claim(resolved, None)
-    assert list(tmp_path.iterdir()) == []
+    # the old run is set aside whole (not deleted) until the new one writes its first checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dirtune.lock", ".previous-run"]
+    assert sorted(p.name for p in (tmp_path / ".previous-run").iterdir()) == ["checkpoint-5", "final", "summary.json"]
 
 
 def test_a_signal_saves_and_stops_and_a_second_one_stops_at_once(tmp_path, capsys):
