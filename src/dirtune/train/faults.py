@@ -380,6 +380,10 @@ class AtomicCheckpoints:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(_best_checkpoint_follower(self))
+        # Rotation is ours (_save_checkpoint). Left to transformers, save_total_limit=1 also deletes
+        # every checkpoint but the best when training ends, even when it ends on SIGTERM: the one
+        # just saved to resume from would go.
+        self._save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._resumed_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
@@ -457,7 +461,7 @@ class AtomicCheckpoints:
         shutil.rmtree(staging, ignore_errors=True)
         # the first checkpoint of a run that replaced another (--overwrite): the old one can go
         _remove(run_dir / PREVIOUS_RUN)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self._save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         if distributed:
             self.accelerator.wait_for_everyone()

@@ -47,6 +47,8 @@ DAMAGE = [
     ("optimizer truncated", lambda c: truncate(c / "optimizer.pt", 0.9), "optimizer.pt is truncated"),
     ("no scheduler", lambda c: (c / "scheduler.pt").unlink(), "no scheduler.pt"),
     ("rng state truncated", lambda c: truncate(c / "rng_state.pth"), "rng_state.pth"),
+    # issue 13.3: transformers resumes without it, silently with other dropout masks
+    ("no rng state", lambda c: (c / "rng_state.pth").unlink(), "no rng_state.pth (the random state"),
 ]
 
 
@@ -129,9 +131,72 @@ def test_remove_leftovers_only_touches_half_written_folders(tmp_path):
     make_checkpoint(tmp_path / "checkpoint-4", 4)
     (tmp_path / ".partial-checkpoint-8" / "checkpoint-8").mkdir(parents=True)
     (tmp_path / ".replaced-checkpoint-4").mkdir()
+    (tmp_path / ".partial-summary.json").write_text('{"final_st')  # a file: the atomic summary write
+    (tmp_path / ".previous-run" / "checkpoint-2").mkdir(parents=True)  # its successor has a checkpoint
     (tmp_path / "notes.txt").write_text("mine")
     faults.remove_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "notes.txt"]
+
+
+def test_a_per_process_rng_state_counts(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "checkpoint-4", 4)
+    (ckpt / "rng_state.pth").rename(ckpt / "rng_state_0.pth")  # as a run of several processes saves it
+    assert faults.checkpoint_problem(ckpt) is None
+
+
+def test_training_finished_at_max_steps_or_at_the_target(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "checkpoint-8", 8)
+    state = {"global_step": 8, "max_steps": 8,
+             "log_history": [{"eval_valid_loss": 2.0, "step": 4}, {"eval_valid_loss": 1.5, "step": 8}]}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert faults.training_finished(ckpt, 8, None)
+    assert faults.training_finished(ckpt, -1, None)  # epochs: the max_steps the run computed
+    assert not faults.training_finished(ckpt, 12, None)
+    assert faults.training_finished(ckpt, 12, 1.5) and faults.training_finished(ckpt, 12, 2.0)
+    assert not faults.training_finished(ckpt, 12, 1.0)
+
+
+def test_rebased_best_follows_the_folder_as_spelled_now(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "moved" / "checkpoint-8", 8)
+    make_checkpoint(tmp_path / "moved" / "checkpoint-4", 4)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "best_model_checkpoint": "runs/a/checkpoint-4"}))
+    assert faults.rebased_best(ckpt, tmp_path / "moved") == str(tmp_path / "moved" / "checkpoint-4")
+    assert faults.rebased_best(ckpt, "elsewhere") is None  # no such folder there: no best to keep
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert faults.rebased_best(ckpt, tmp_path / "moved") is None
+
+
+TORCH_DISK_FULL = [  # how torch.save says it, by where in its C++ writer the disk filled (seen on a tmpfs)
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8448 vs 8342"),
+    RuntimeError("basic_ios::clear: iostream error"),
+    RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed"),
+    OSError(28, "No space left on device"),
+]
+
+
+@pytest.mark.parametrize("error", TORCH_DISK_FULL, ids=["unexpected pos", "iostream", "write failed", "ENOSPC"])
+def test_full_disk_errors_are_write_failures(tmp_path, error):
+    assert faults._is_write_failure(error, tmp_path)
+    message = str(faults._disk_error(8, tmp_path, error))
+    assert message.startswith(f"step 8: could not write the checkpoint into {tmp_path} (")
+    assert "enforce fail" not in message and "GiB free there" in message
+
+
+def test_a_chained_write_failure_is_found_and_a_nearly_full_disk_named(tmp_path, monkeypatch):
+    try:
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . some other words")
+    except RuntimeError as e:
+        chained = e
+    assert faults._is_write_failure(chained, tmp_path)
+    assert not faults._is_write_failure(RuntimeError("shape mismatch"), tmp_path)  # a bug stays a bug
+    monkeypatch.setattr(faults, "_free", lambda where: 4096)
+    assert faults._is_write_failure(RuntimeError("some words from C++"), tmp_path)
+    assert "(No space left on device; 0.0 GiB free there)" in str(faults._disk_error(8, tmp_path, chained))
 
 
 def test_check_finite_weights_names_the_step():
