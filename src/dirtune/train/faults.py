@@ -33,6 +33,7 @@ PARTIAL_PREFIX = ".partial-"     # a checkpoint being written; never read
 REPLACED_PREFIX = ".replaced-"   # an older checkpoint of the same step, removed once its successor is in place
 CORRUPT_PREFIX = "corrupt-"      # kept for inspection; outside transformers' `checkpoint-*` glob
 PREVIOUS_RUN = ".previous-run"   # a run being replaced (--overwrite), kept until the new one's first checkpoint
+SET_ASIDE = ".complete"          # in PREVIOUS_RUN once the whole old run is in it
 
 # What a resumable checkpoint needs besides trainer_state.json: one weights file (full model,
 # sharded index or PEFT adapter) and the optimizer and scheduler, without which transformers
@@ -212,7 +213,7 @@ def remove_leftovers(out: str | Path) -> None:
     for prefix in (PARTIAL_PREFIX, REPLACED_PREFIX):
         for p in Path(out).glob(prefix + "*"):
             _remove(p)
-    if checkpoint_folders(out):
+    if checkpoint_folders(out) and (Path(out) / PREVIOUS_RUN / SET_ASIDE).exists():
         _remove(Path(out) / PREVIOUS_RUN)
 
 
@@ -414,8 +415,6 @@ class AtomicCheckpoints:
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import rotate_checkpoints
-
         step = self.state.global_step
         check_finite_weights((p for p in self.model.parameters() if p.requires_grad), step)
         run_dir = Path(self._get_output_dir(trial))
@@ -461,10 +460,29 @@ class AtomicCheckpoints:
         shutil.rmtree(staging, ignore_errors=True)
         # the first checkpoint of a run that replaced another (--overwrite): the old one can go
         _remove(run_dir / PREVIOUS_RUN)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self._save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        rotate(run_dir, self._save_total_limit, self.state.best_model_checkpoint)
         if distributed:
             self.accelerator.wait_for_everyone()
+
+
+def rotate(run_dir: Path, keep: int | None, best: str | None) -> None:
+    """Delete the oldest checkpoints beyond `keep`, never the newest nor the best (transformers'
+    rule). Each is renamed out of sight first, so a kill mid-delete leaves no half checkpoint-N."""
+    folders = checkpoint_folders(run_dir)
+    if not keep or keep <= 0 or len(folders) <= keep:
+        return
+    protected = {folders[-1].name} | ({Path(best).name} if best else set())
+    remaining = len(folders)
+    for folder in folders:
+        if remaining <= max(keep, len(protected)):
+            break
+        if folder.name in protected:
+            continue
+        doomed = folder.with_name(REPLACED_PREFIX + folder.name)
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        remaining -= 1
 
 
 def _best_checkpoint_follower(trainer):

@@ -124,22 +124,33 @@ def _check_creatable(out: Path) -> None:
 # ---------------------------------------------------------------- a run replaced by --overwrite
 
 def _set_aside(out: Path) -> None:
-    """Move the run in `out` into out/.previous-run (one rename per item: nothing is copied)."""
+    """Move the run in `out` into out/.previous-run (one rename per item: nothing is copied);
+    a marker file says when all of it is there."""
     aside = out / faults.PREVIOUS_RUN
-    shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir()
     for item in _run_items(out):
         os.replace(item, aside / item.name)
+    (aside / faults.SET_ASIDE).write_text("")
 
 
 def restore_replaced(out: Path) -> bool:
     """Put back the run `--overwrite` set aside, if the run replacing it wrote no checkpoint
-    (it failed or was killed first): its own files go, the old ones return. True if restored."""
+    (it failed or was killed first): its own files go, the old ones return. True if restored.
+
+    Killed while setting aside (no marker): the new run wrote nothing yet, so every item is
+    either still in place or aside, and the aside ones are moved back.
+    """
     aside = out / faults.PREVIOUS_RUN
-    if not aside.is_dir() or faults.checkpoint_folders(out):
+    if not aside.is_dir():
         return False
-    for item in [*_run_items(out), *out.glob(faults.PARTIAL_PREFIX + "*"), *out.glob(faults.REPLACED_PREFIX + "*")]:
-        faults._remove(item)
+    complete = (aside / faults.SET_ASIDE).exists()
+    if complete:
+        if faults.checkpoint_folders(out):
+            return False  # the new run has its first checkpoint: the old one is to go
+        for item in [*_run_items(out), *out.glob(faults.PARTIAL_PREFIX + "*"),
+                     *out.glob(faults.REPLACED_PREFIX + "*")]:
+            faults._remove(item)
+        (aside / faults.SET_ASIDE).unlink()
     for item in aside.iterdir():
         os.replace(item, out / item.name)
     aside.rmdir()

@@ -133,9 +133,32 @@ def test_remove_leftovers_only_touches_half_written_folders(tmp_path):
     (tmp_path / ".replaced-checkpoint-4").mkdir()
     (tmp_path / ".partial-summary.json").write_text('{"final_st')  # a file: the atomic summary write
     (tmp_path / ".previous-run" / "checkpoint-2").mkdir(parents=True)  # its successor has a checkpoint
+    (tmp_path / ".previous-run" / ".complete").write_text("")
     (tmp_path / "notes.txt").write_text("mine")
     faults.remove_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "notes.txt"]
+
+
+def test_rotation_keeps_the_newest_and_the_best_and_never_shows_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    for step in (2, 4, 6, 8):
+        make_checkpoint(tmp_path / f"checkpoint-{step}", step)
+    faults.rotate(tmp_path, 2, str(tmp_path / "checkpoint-2"))
+    assert [p.name for p in faults.checkpoint_folders(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
+    make_checkpoint(tmp_path / "checkpoint-10", 10)
+
+    def killed(path, *args, **kwargs):
+        if Path(path).is_dir():
+            (Path(path) / "optimizer.pt").unlink()  # one file gone, then kill -9
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(faults.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        faults.rotate(tmp_path, 2, str(tmp_path / "checkpoint-2"))
+    # the half-deleted folder is out of sight, and removed at the next start
+    assert [p.name for p in faults.checkpoint_folders(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    monkeypatch.undo()
+    faults.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2"]
 
 
 def test_a_per_process_rng_state_counts(tmp_path):
@@ -260,7 +283,8 @@ def test_resolve_refuses_a_used_folder_and_writes_nothing(tmp_path):
     run_folder.claim(resolved, None)
     # the old run is set aside whole (not deleted) until the new one writes its first checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == [".dirtune.lock", ".previous-run"]
-    assert sorted(p.name for p in (tmp_path / ".previous-run").iterdir()) == ["checkpoint-5", "final", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / ".previous-run").iterdir()) == [".complete", "checkpoint-5", "final",
+                                                                            "summary.json"]
 
 
 def test_a_signal_saves_and_stops_and_a_second_one_stops_at_once(tmp_path, capsys):

@@ -138,6 +138,29 @@ def test_a_replacement_killed_before_its_first_checkpoint_is_undone_at_the_next_
     assert snapshot(out) == before
 
 
+def test_a_kill_while_the_old_run_was_being_set_aside_is_undone(tmp_path, monkeypatch):
+    out = finished_run(tmp_path / "run")
+    before = snapshot(out)
+    moves = []
+
+    def replace(src, dst):
+        if len(moves) == 3:
+            raise KeyboardInterrupt  # stands for kill -9 after three of the items were moved
+        moves.append(src)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(run_folder.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.claim(*run_folder.resolve(cfg(out, "train.overwrite=true")))
+    monkeypatch.undo()
+    run_folder.release()
+    assert (out / "checkpoint-4").is_dir() and (out / ".previous-run").is_dir()  # half moved
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        run_folder.resolve(cfg(out, "train.resume=auto"))
+    run_folder.release()
+    assert snapshot(out) == before
+
+
 def test_after_the_first_checkpoint_the_old_run_goes(tmp_path):
     out = finished_run(tmp_path / "run")
     run_folder.claim(*run_folder.resolve(cfg(out, "train.overwrite=true")))
