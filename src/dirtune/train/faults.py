@@ -401,8 +401,14 @@ class AtomicCheckpoints:
         from transformers.trainer_callback import TrainerState
         from transformers.trainer_utils import TrainOutput
 
+        if self.args.world_size > 1:  # loading into a model not yet sharded is not supported by transformers
+            raise CheckpointError(f"train.resume: {ckpt} was saved when training had ended (killed while final/ "
+                                  "or summary.json was written); resume it with one process, which writes "
+                                  "final/ and summary.json without training")
         self.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
         self.state.best_model_checkpoint = rebased_best(ckpt, self.args.output_dir)
+        # a kill between publishing the last checkpoint and rotating the old ones left them all
+        rotate(Path(self.args.output_dir), self._save_total_limit, self.state.best_model_checkpoint)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
         else:
