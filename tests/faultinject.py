@@ -288,9 +288,16 @@ def differences(out: Path, ref: Path) -> list[str]:
 # ---------------------------------------------------------------- scenarios
 
 class Setup:
-    def __init__(self, work: Path, model: Path, train: Path, valid: Path):
+    """The working folder: the run's config, the reference run and its events."""
+
+    def __init__(self, work: Path, model: Path | None = None, train: Path | None = None, valid: Path | None = None):
         self.work = work
         self.config = work / "run.yaml"
+        self.ref = work / "reference"
+        self.events: list[list] = []
+        self.seconds = 0.0
+        if model is None:  # the inner full-disk process: the outer one wrote the config and the reference
+            return
         self.config.write_text(f"""\
 model: {{path: {model}}}
 finetune: {{type: lora, lora_r: 4, lora_dropout: 0.1}}
@@ -299,9 +306,6 @@ optimizer: {{lr: 1.0e-2}}
 train: {{seed: 3, max_steps: {MAX_STEPS}, batch_size: 4, eval_every: 2, save_every: 2, save_total_limit: 2,
          progress: false, report_to: [none], device: cpu, drift_every: 0}}
 """)
-        self.ref = work / "reference"
-        self.events: list[list] = []
-        self.seconds = 0.0
 
     def args(self, out: Path, *extra: str) -> list[str]:
         return [str(self.config), f"train.output_dir={out}", *extra]
@@ -460,7 +464,7 @@ def tmpfs_command() -> list[str] | None:
     return None
 
 
-def scenario_disk(setup: Setup, report: Report, rng: random.Random, args) -> None:
+def scenario_disk(setup: Setup, report: Report, rng: random.Random) -> None:
     cmd = tmpfs_command()
     if cmd is None:
         report.say("full disk: SKIPPED (no tmpfs: needs root or unprivileged user namespaces, and unshare)")
@@ -486,8 +490,7 @@ def inner_disk(args) -> int:
     """Inside the mount namespace: for each amount of free space, a run that fills the disk must
     stop in one line with its checkpoints whole, and resume bit-identical once space is freed."""
     work, mnt = Path(args.work), Path(args.inner_disk)
-    setup = Setup.__new__(Setup)
-    setup.work, setup.config, setup.ref = work, work / "run.yaml", work / "reference"
+    setup = Setup(work)
     report = Report()
     ok = 0
     frees = [int(f) for f in args.frees.split(",")]
@@ -523,11 +526,11 @@ def inner_disk(args) -> int:
         if diffs := differences(out, setup.ref):
             report.fail(f"disk: {free} bytes free: " + "; ".join(diffs))
             continue
-        print(f"disk: {free} bytes free: {where} -> resumed bit-identical", flush=True)
+        print(f"disk: {free} bytes free: {where} -> {'resumed, ' if errors else ''}bit-identical", flush=True)
         shutil.rmtree(out)
         ok += 1
     print(f"disk: full disk (20 MB tmpfs, {', '.join(map(str, frees))} bytes left free): {ok} of {len(frees)} "
-          "runs stopped in one line with their checkpoints whole and resumed bit-identical", flush=True)
+          "runs stopped in one line (or fit) with their checkpoints whole, and ended bit-identical", flush=True)
     return 0 if ok == len(frees) else 1
 
 
@@ -594,7 +597,7 @@ def run_all(args: argparse.Namespace) -> int:
             if "lock" in only:
                 scenario_lock(setup, report)
             if "disk" in only:
-                scenario_disk(setup, report, rng, args)
+                scenario_disk(setup, report, rng)
     finally:
         if not args.work and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
