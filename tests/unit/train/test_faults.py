@@ -313,3 +313,20 @@ def test_a_signal_saves_and_stops_and_a_second_one_stops_at_once(tmp_path, capsy
     assert signal.getsignal(signal.SIGINT) is before
     err = capsys.readouterr().err
     assert "SIGINT: saving a checkpoint after this step" in err and "second SIGINT: stopping without saving" in err
+
+
+def test_a_resumed_run_counts_what_happened_before_its_checkpoint(tmp_path):
+    """skipped_steps and target_step came from memory only: a resumed run reported 0 and None."""
+    from dirtune.train.callbacks import EvalRecorder, FaultGuard
+    from dirtune.train.run_folder import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "event", "step": 3, "event": "non-finite loss: step skipped"},
+        {"kind": "eval", "step": 4, "eval_loss": 2.0},
+        {"kind": "event", "step": 5, "event": "non-finite gradient: step skipped"},
+        {"kind": "eval", "step": 6, "eval_loss": 1.2},
+        {"kind": "eval", "step": 8, "eval_loss": 1.1}]))
+    log = MetricsLog(path, resume_step=8)
+    assert FaultGuard("skip", log, lambda: None).skipped == 2
+    assert EvalRecorder(log, 1.5).target_step == 6 and EvalRecorder(log, 1.0).target_step is None
