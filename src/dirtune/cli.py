@@ -42,6 +42,7 @@ def _dry_run(cfg) -> int:
     from dirtune.models.loading import count_parameters
     from dirtune.train.runner import build_model
 
+    _check_data_files(cfg)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     model, _ = build_model(cfg)
     counts = count_parameters(model)
@@ -49,6 +50,20 @@ def _dry_run(cfg) -> int:
           f"({100 * counts['trainable'] / max(counts['total'], 1):.3f}%)")
     print("# dry run: nothing trained")
     return 0
+
+
+def _check_data_files(cfg) -> None:
+    """A dry run reads no data, but a data file that is not there is the first thing a real run
+    would stop on: say so now."""
+    from dirtune.data.records import DataError
+
+    if not cfg.data.train_file:
+        raise DataError("data.train_file: not set; give a JSON/JSONL or .txt training file")
+    for key in ("train_file", "valid_file", "test_file", "forget_file"):
+        value = getattr(cfg.data, key)
+        if value and not Path(value).is_file():
+            raise DataError(f"data.{key}: {value}: " + ("is a directory; expected a data file"
+                                                        if Path(value).is_dir() else "not found"))
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
@@ -214,12 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dirtune.errors import USER_ERRORS
+    from dirtune.errors import ENVIRONMENT_ERRNOS, USER_ERRORS
 
     try:
         code = args.func(args)
     except USER_ERRORS as e:
         print(f"dirtune {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:
+        # the machine, not the code: a full disk, a read-only or vanished folder, no permission
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dirtune {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are atomic
         print(f"dirtune {args.command}: interrupted", file=sys.stderr)
