@@ -141,7 +141,8 @@ def _tokenise(name: str, path: Path, fmt: str, items: list[Example], cfg: Any, t
         segments = [render(e, template, tokenizer, path) for e in items]
         # llama2/plain place BOS/EOS by id, so '</s>' typed in a record stays text; a chat template
         # writes its special tokens as text, so there they must be parsed (as transformers does).
-        pairs = encode_examples(tokenizer, segments, cfg.train_on_prompt, split_special=template != "tokenizer")
+        pairs = encode_examples(tokenizer, segments, cfg.train_on_prompt, split_special=template != "tokenizer",
+                                max_length=cfg.max_length)
         pairs, stats["truncated"], stats["rejected"] = fit_length(
             pairs, [e.line for e in items], cfg.max_length, cfg.overlong, path)
         stats["template"], stats["examples"] = template, len(pairs)
