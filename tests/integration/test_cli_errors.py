@@ -41,6 +41,7 @@ def old_run(tmp_path) -> Path:
     save_file({"w": torch.ones(2, 2)}, str(ckpt / "adapter_model.safetensors"))
     torch.save({"state": {}}, ckpt / "optimizer.pt")
     torch.save({"last_epoch": 4}, ckpt / "scheduler.pt")
+    torch.save({"python": 1}, ckpt / "rng_state.pth")
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     (out / "final").mkdir()
     shutil.copy(ckpt / "adapter_model.safetensors", out / "final")
@@ -50,6 +51,12 @@ def old_run(tmp_path) -> Path:
     (out / "config.yaml").write_text("train: {}\n")
     (out / "notes.txt").write_text("my notes")
     return out
+
+
+def unfinished(run: Path) -> None:
+    """The run killed before its end: a run to resume (a finished one is refused at once)."""
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "final")
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -118,7 +125,20 @@ CASES = [
      "the tokenizer has 103 tokens but the model's embedding has 100 rows; use the tokenizer the model was trained with"),
     ("lora targets match nothing", lambda t, c: ["finetune.lora_targets=[q_proj,attn_proj]"],
      "finetune.lora_targets: attn_proj match no linear module; the model's linear modules are"),
+    # issue 13.9: these passed the checks and failed after --overwrite had deleted the old run
+    ("save_every off the evaluations", lambda t, c: ["data.valid_ratio=0.1", "train.save_every=3", "train.eval_every=2"],
+     "command line: train.save_every: 3 is not a multiple of train.eval_every=2"),
+    ("num_workers negative", lambda t, c: ["train.num_workers=-1"], "train.num_workers: -1 is not valid"),
+    ("lr infinite", lambda t, c: ["optimizer.lr=inf"], "optimizer.lr: inf is not valid; expected a finite number"),
+    ("seed negative", lambda t, c: ["train.seed=-1"], "train.seed: -1 is not valid; expected an integer in [0, 2**32)"),
+    # issue 13.10: accepted without a word
+    ("all fields empty", data("blank.jsonl", GOOD + '{"instruction": "", "input": "", "output": ""}\n'),
+     "{tmp}/blank.jsonl: line 2: all its fields (instruction, input, output) are empty"),
+    ("eps zero", lambda t, c: ["optimizer.eps=0"], "optimizer.eps: 0.0 is not valid; expected a number > 0"),
 ]
+if not torch.cuda.is_available():
+    CASES.append(("cuda without a GPU", lambda t, c: ["train.device=cuda"],
+                  "train.device: 'cuda', but this process sees no CUDA GPU"))
 
 
 def run(args: list[str], capsys) -> tuple[int, str]:
@@ -138,6 +158,8 @@ def assert_clean_failure(code: int, err: str, expected: str) -> None:
 @pytest.mark.parametrize("case, overrides, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_clearly_and_touches_nothing(good_yaml, old_run, tiny_checkpoint, tmp_path, capsys,
                                                      case, overrides, expected, mode):
+    if mode == "--resume":
+        unfinished(old_run)
     before = snapshot(old_run)
     code, err = run(["train", str(good_yaml), f"train.output_dir={old_run}", *overrides(tmp_path, tiny_checkpoint),
                      mode], capsys)
@@ -154,6 +176,7 @@ def test_output_folder_holding_a_run_is_refused(good_yaml, old_run, capsys):
 
 
 def test_damaged_checkpoint_named_for_resume_is_refused(good_yaml, old_run, capsys):
+    unfinished(old_run)
     ckpt = old_run / "checkpoint-4"
     (ckpt / "optimizer.pt").write_bytes(b"")
     before = snapshot(old_run)
@@ -185,3 +208,43 @@ def test_the_installed_command_exits_2_without_a_traceback(good_yaml, old_run, t
     assert f"dirtune train: error: {bad}: line 2: not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert snapshot(old_run) == before
+
+
+@pytest.mark.parametrize("where, expected", [
+    (lambda t: t / "afile" / "run", "train.output_dir: {tmp}/afile/run cannot be created: {tmp}/afile is a file"),
+    (lambda t: Path("/proc/dirtune-run"), "train.output_dir: /proc/dirtune-run cannot be created in /proc ("),
+], ids=["under a file", "under /proc"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(good_yaml, tmp_path, capsys, where, expected):
+    """issue 13.12: a NotADirectoryError traceback, or a bare '[Errno 2]' naming no key."""
+    (tmp_path / "afile").write_text("x")
+    code, err = run(["train", str(good_yaml), f"train.output_dir={where(tmp_path)}"], capsys)
+    assert_clean_failure(code, err, expected.replace("{tmp}", str(tmp_path)))
+
+
+def test_dry_run_checks_that_the_data_files_exist(good_yaml, tmp_path, capsys):
+    """issue 13.12: --dry-run passed with a train_file that does not exist."""
+    code, err = run(["train", str(good_yaml), f"data.train_file={tmp_path / 'nowhere.jsonl'}", "--dry-run"], capsys)
+    assert_clean_failure(code, err, f"data.train_file: {tmp_path / 'nowhere.jsonl'}: not found")
+    code, err = run(["train", str(good_yaml), f"data.valid_file={tmp_path}", "--dry-run"], capsys)
+    assert_clean_failure(code, err, f"data.valid_file: {tmp_path}: is a directory")
+
+
+def test_a_bad_value_on_the_command_line_is_blamed_on_the_command_line(good_yaml, capsys):
+    """issue 13.12: it was blamed on the YAML file."""
+    code, err = run(["train", str(good_yaml), "train.batch_size=eight"], capsys)
+    assert_clean_failure(code, err, "dirtune train: error: command line: train.batch_size: 'eight' is not valid")
+
+
+def test_a_full_disk_outside_a_checkpoint_is_one_line(good_yaml, tmp_path, capsys, monkeypatch):
+    """A write the checkpoint code does not own (here the metrics log) fails on a full disk."""
+    import errno
+
+    from dirtune.train import run_folder
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(run_folder.MetricsLog, "write", full)
+    out = tmp_path / "out"
+    code, err = run(["train", str(good_yaml), f"train.output_dir={out}"], capsys)
+    assert_clean_failure(code, err, f"dirtune train: error: {out / 'metrics.jsonl'}: No space left on device")

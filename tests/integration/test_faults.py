@@ -276,3 +276,244 @@ def test_best_checkpoint_and_final_are_real_folders(config, task_files, tmp_path
     state = json.loads((best / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] == str(best)  # not the staging folder it was written in
     assert_same_weights(out / "final", best)
+
+
+# ---------------------------------------------------------------- issue 13: the holes fault injection found
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def killed_at_the_end(reference: Path, out: Path) -> Path:
+    """A copy of the reference run as a kill while final/ or summary.json was written leaves it."""
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    return out
+
+
+def test_resuming_a_finished_run_refuses_and_changes_nothing(config, reference, tmp_path, capsys):
+    """13.1: it trained step max_steps+1 at learning rate 0 and rewrote final/ and summary.json."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = snapshot(out)
+    assert train(config, out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"dirtune train: error: train.resume: {out} holds a finished run (summary.json, step {MAX_STEPS})" in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("left", ["nothing", "final", "staged final and summary"])
+def test_killed_while_final_or_summary_was_written_resume_hands_over(config, reference, tmp_path, left):
+    """13.1: the resumed run trains no step past the end; final/ is the uninterrupted run's."""
+    out = killed_at_the_end(reference, tmp_path / "run")
+    if left == "final":
+        shutil.copytree(reference / "final", out / "final")
+    elif left == "staged final and summary":
+        shutil.copytree(reference / "final", out / ".partial-final")
+        (out / ".partial-summary.json").write_text('{"target_loss": nu')
+    assert train(config, out, "--resume") == 0
+    assert train_steps(out) == list(range(1, MAX_STEPS + 1))
+    assert (out / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+    assert_same_weights(out / "final", reference / "final")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_step"] == MAX_STEPS and summary["final_model"] == str(out / "final")
+    assert not list(out.glob(".partial-*"))
+
+
+def scheduled_eval_losses(monkeypatch, losses: dict[int, float]) -> None:
+    """Make the validation loss at step s losses[s] (the last one given for later steps)."""
+    original = DirtuneTrainer.evaluation_loop
+
+    def loop(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        key = f"{kwargs.get('metric_key_prefix', 'eval')}_loss"
+        if key == "eval_valid_loss":
+            step = self.state.global_step
+            output.metrics[key] = losses[max(s for s in losses if s <= step)]
+        return output
+
+    monkeypatch.setattr(DirtuneTrainer, "evaluation_loop", loop)
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Stop the run at `step` as SIGTERM does (checkpoint, no summary, exit 130)."""
+    from dirtune.train.callbacks import FaultGuard
+
+    original = FaultGuard.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step and self.interrupted is None:
+            self.interrupted = "SIGTERM"
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(FaultGuard, "on_step_end", on_step_end)
+
+
+@pytest.mark.parametrize("how", ["spelled absolute", "moved"])
+def test_the_best_checkpoint_survives_a_resume_from_another_spelling(config, task_files, tmp_path, monkeypatch,
+                                                                     capsys, how):
+    """13.2: resumed as /abs/run after run/, or after moving the folder, rotation deleted the best
+    checkpoint, summary.json named a folder that was gone, final/ held the last weights."""
+    scheduled_eval_losses(monkeypatch, {0: 9.0, 2: 1.0, 4: 2.0})  # best at step 2, then worse
+    valid = [f"data.valid_file={task_files['task_valid']}", "data.max_eval_samples=2", "train.max_steps=12",
+             "train.eval_every=2", "train.save_every=2", "train.save_total_limit=1"]
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 6)
+        assert main(["train", str(config), "train.output_dir=run", *valid]) == 130
+    assert sorted(p.name for p in faults.checkpoint_folders(tmp_path / "run")) == ["checkpoint-2", "checkpoint-6"]
+    out = tmp_path / "run"
+    if how == "moved":
+        out = tmp_path / "moved"
+        os.rename(tmp_path / "run", out)
+    assert main(["train", str(config), f"train.output_dir={out}", *valid, "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == 2 and summary["best_checkpoint"] == str(out / "checkpoint-2")
+    assert sorted(p.name for p in faults.checkpoint_folders(out)) == ["checkpoint-12", "checkpoint-2"]
+    assert_same_weights(out / "final", out / "checkpoint-2")
+
+
+def test_a_run_that_reached_its_target_is_handed_over_not_trained_on(config, task_files, tmp_path, monkeypatch):
+    """13.1 with train.target_loss: the run had stopped early; the resumed one must not go on."""
+    scheduled_eval_losses(monkeypatch, {0: 9.0, 2: 5.0, 6: 1.0})
+    valid = [f"data.valid_file={task_files['task_valid']}", "data.max_eval_samples=2", "train.eval_every=2",
+             "train.save_every=2", "train.target_loss=1.5"]
+    reference = tmp_path / "reference"
+    assert train(config, reference, *valid) == 0
+    out = killed_at_the_end(reference, tmp_path / "run")
+    assert train(config, out, *valid, "--resume") == 0
+    for name in ("target_step", "best_step", "final_step", "stopped_early", "best_eval_loss"):
+        assert json.loads((out / "summary.json").read_text())[name] == \
+            json.loads((reference / "summary.json").read_text())[name], name
+    assert max(train_steps(out)) == 6
+    assert_same_weights(out / "final", reference / "final")
+
+
+@pytest.mark.parametrize("damage", ["rng state missing", "bytes changed"])
+def test_a_checkpoint_damaged_in_place_is_skipped_and_the_run_stays_exact(config, reference, tmp_path, capsys,
+                                                                          damage):
+    """13.3: without rng_state.pth it resumed silently with other dropout masks. 13.4: 64 bytes of
+    0xff in the tensor data resumed, and the run stopped later on a NaN."""
+    out = killed_at_the_end(reference, tmp_path / "run")
+    newest = out / f"checkpoint-{MAX_STEPS}"
+    if damage == "rng state missing":
+        (newest / "rng_state.pth").unlink()
+        expected = "no rng_state.pth (the random state"
+    else:
+        weights = newest / ADAPTER
+        with open(weights, "r+b") as f:
+            f.seek(weights.stat().st_size // 2)
+            f.write(b"\xff" * 64)
+        expected = f"{ADAPTER} does not match its checksum"
+    assert train(config, out, "--resume") == 0
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is incomplete or corrupt: {expected}" in err
+    assert (out / f"corrupt-checkpoint-{MAX_STEPS}").is_dir()
+    assert_same_weights(out / "final", reference / "final")
+    assert (out / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+
+
+def test_a_full_disk_while_optimizer_pt_is_written_is_one_line(config, tmp_path, monkeypatch, capsys):
+    """13.5: exit 1 and a traceback ending in RuntimeError: [enforce fail at inline_container.cc:672]."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt") and "checkpoint-8" in str(f):
+            real_save(obj, f, *args, **kwargs)
+            os.truncate(f, os.path.getsize(f) // 2)
+            try:  # how torch.save reported it on a full 20 MB tmpfs
+                raise RuntimeError("basic_ios::clear: iostream error")
+            except RuntimeError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8448 vs 8342")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    assert train(config, out) == 2
+    err = capsys.readouterr().err
+    assert f"dirtune train: error: step 8: could not write the checkpoint into {out} (" in err
+    assert "Traceback" not in err and "enforce fail" not in err
+    assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-4"]
+    assert not list(out.glob(".partial-*"))
+
+
+def test_nan_evaluations_stop_a_skipping_run_instead_of_ending_in_a_lie(config, task_files, tmp_path, monkeypatch,
+                                                                          capsys):
+    """13.6: with every evaluation after step 0 NaN, nan_policy=skip finished, summary.json gave the
+    step-0 loss as final_eval_loss, and final/ held weights of about 1e30."""
+    scheduled_eval_losses(monkeypatch, {0: 5.0, 2: 4.0, 4: float("nan")})
+    out = tmp_path / "run"
+    assert train(config, out, "train.nan_policy=skip", f"data.valid_file={task_files['task_valid']}",
+                 "data.max_eval_samples=2", "train.eval_every=2", "train.save_every=2") == 2
+    err = capsys.readouterr().err
+    assert "dirtune train: error: step 4: the evaluation gives NaN or Inf (valid_loss)" in err
+    assert not (out / "summary.json").exists() and not (out / "final").exists()
+    assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-2"]
+
+
+def test_skipping_stops_when_every_step_is_nan(config, tmp_path, monkeypatch, capsys):
+    """13.6 without validation: weights that give NaN at every step; skipping them all 'finished'."""
+    original = DirtuneTrainer.compute_loss
+
+    def broken_from_step_3(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        if model.training and self.state.global_step >= 2:
+            loss = loss * float("nan")
+            self.last_loss = loss.detach()
+        return loss
+
+    monkeypatch.setattr(DirtuneTrainer, "compute_loss", broken_from_step_3)
+    out = tmp_path / "run"
+    assert train(config, out, "train.nan_policy=skip") == 2
+    err = capsys.readouterr().err
+    assert "dirtune train: error: step 12: the loss was NaN or Inf at 10 steps in a row" in err
+    assert not (out / "summary.json").exists()
+
+
+def test_a_second_process_on_a_live_run_folder_is_refused(config, reference, tmp_path, capsys):
+    """13.7: both trained into one folder; --overwrite or --resume beside a live run crashed."""
+    out, log = tmp_path / "run", tmp_path / "child.log"
+    child = start_child(config, out, log)
+    try:
+        wait_for_checkpoint(child, out / "checkpoint-8", log)
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            assert train(config, out, *extra) == 2
+            err = capsys.readouterr().err
+            assert f"train.output_dir: {out} is in use by another dirtune run (pid {child.pid})" in err, err
+        assert child.wait(timeout=300) == 0, log.read_text()
+    finally:
+        child.kill()
+    assert_same_weights(out / "final", reference / "final")
+    assert (out / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+    assert not (out / ".dirtune.lock").exists()
+
+
+def test_a_torn_last_metrics_line_resumes(config, reference, tmp_path, capsys):
+    """13.8: --resume exited 1 with a JSONDecodeError traceback."""
+    out = killed_at_the_end(reference, tmp_path / "run")
+    shutil.rmtree(out / f"checkpoint-{MAX_STEPS}")  # killed while logging the step after checkpoint-20
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:21]) + lines[21][:17])
+    assert train(config, out, "--resume") == 0
+    assert "dropped 1 unreadable line(s) (22)" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+    assert_same_weights(out / "final", reference / "final")
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(config, reference, tmp_path, monkeypatch,
+                                                                    capsys):
+    """13.9: --overwrite deleted the old run before the new one was known to start."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with monkeypatch.context() as m:
+        poison_loss(m, at_step=2)  # fails before its first checkpoint (step 4)
+        assert train(config, out, "train.seed=5", "--overwrite") == 2
+    assert "back in place" in capsys.readouterr().err
+    assert snapshot(out) == before  # byte for byte, the lock file gone too
+    poison_loss(monkeypatch, at_step=7)  # after its first checkpoint: the old run is gone by then
+    assert train(config, out, "train.seed=5", "--overwrite") == 2
+    assert not (out / ".previous-run").exists() and not (out / "summary.json").exists()
+    assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-4"] and (out / "notes.txt").is_file()

@@ -92,6 +92,7 @@ def test_weights_only_checkpoints_keep_the_best_model_and_refuse_resume(tiny_che
     ckpt = Path(lean["best_checkpoint"])
     assert not (ckpt / "optimizer.pt").exists() and (Path(full["best_checkpoint"]) / "optimizer.pt").is_file()
     assert "weights only" in checkpoint_problem(ckpt)
+    (tmp_path / "lean" / "summary.json").unlink()  # as if killed before its end: a finished run is refused first
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "lean", *extra, "train.resume=auto"))
     with pytest.raises(ConfigError, match=r"cannot be resumed: no optimizer or scheduler state: it holds "

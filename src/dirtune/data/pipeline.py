@@ -153,7 +153,8 @@ def _tokenise(name: str, path: Path, fmt: str, items: list[Example], cfg: Any, t
         # writes its special tokens as text, so there they must be parsed (as transformers does).
         # a named forget set measures the responses alone (forget.py), whatever training does
         on_prompt = cfg.train_on_prompt and not name.startswith(PREFIX)
-        pairs = encode_examples(tokenizer, segments, on_prompt, split_special=template != "tokenizer")
+        pairs = encode_examples(tokenizer, segments, on_prompt, split_special=template != "tokenizer",
+                                max_length=cfg.max_length)
         pairs, stats["truncated"], stats["rejected"] = fit_length(
             pairs, [e.line for e in items], cfg.max_length, cfg.overlong, path)
         stats["template"], stats["examples"] = template, len(pairs)

@@ -261,11 +261,27 @@ def to_examples(records: list[Record], source: str | Path, fmt: str = "auto",
         fmt = "text" if is_txt else detect_format(records[0], source)
     if fmt == "alpaca":
         gsm8k = "instruction" not in records[0].fields and {"question", "answer"} <= records[0].fields.keys()
-        return fmt, [_alpaca(r, source, gsm8k) for r in records]
-    if fmt == "chat":
-        return fmt, [_chat(r, source) for r in records]
-    return fmt, [Text(_field(r, "text", source, "text records need a 'text' string"), r.line)
-                 for r in records]
+        examples = [_alpaca(r, source, gsm8k) for r in records]
+    elif fmt == "chat":
+        examples = [_chat(r, source) for r in records]
+    else:
+        examples = [Text(_field(r, "text", source, "text records need a 'text' string"), r.line) for r in records]
+        return fmt, examples  # a blank document is dropped and counted as rejected (tokenize.py)
+    for e in examples:
+        _check_not_empty(e, source)
+    return fmt, examples
+
+
+def _check_not_empty(e: Alpaca | Chat, source: str | Path) -> None:
+    """A record whose every field is empty (or blank) would train on the end-of-sequence token
+    alone: almost always a bug in whatever wrote the file, so it is refused, naming the line."""
+    if isinstance(e, Alpaca):
+        texts, what = (e.instruction, e.input, e.output), "fields (instruction, input, output) are"
+    else:
+        texts, what = tuple(content for _, content in e.messages), "message contents are"
+    if not any(t.strip() for t in texts):
+        raise DataError(f"{source}: line {e.line}: all its {what} empty; there is nothing to train on "
+                        "(remove the record or fill it in)")
 
 
 def _check_str(value: Any, key: str, r: Record, source: str | Path) -> str:

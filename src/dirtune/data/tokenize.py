@@ -68,11 +68,41 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], continuation: bool = Fals
     return out
 
 
+CUT_MARGIN = 64  # tokens past max_length that a cut segment must still have (see char_budget)
+
+
+def char_budget(tokenizer: Any, max_length: int) -> int:
+    """Characters of a text segment worth tokenising when examples are cut to `max_length`.
+
+    A token stands for at most as many characters as its longest vocabulary entry (a byte-level
+    entry is written one character per byte, so never with fewer characters than it covers),
+    unknown-word tokens aside; so a prefix of (max_length + CUT_MARGIN) x that many characters,
+    doubled for safety, gives well over max_length tokens, and the first max_length of them are
+    the whole text's: tokenisers are local, only the last tokens before a cut can differ.
+    `encode_examples` checks the margin and tokenises the whole text where it is not there (an
+    unknown-token run). Cutting a 10 MB record first keeps the tokeniser's per-token bookkeeping
+    (several Python objects per token, gigabytes for millions of tokens) out of memory.
+    """
+    longest = getattr(tokenizer, "_dirtune_longest_piece", None)
+    if longest is None:
+        longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._dirtune_longest_piece = longest  # the vocabulary is read once per tokenizer
+        except AttributeError:
+            pass
+    return (max_length + CUT_MARGIN) * max(longest, 1) * 2
+
+
 def encode_examples(tokenizer: Any, examples: Sequence[Sequence[Segment]], train_on_prompt: bool = False,
-                    split_special: bool = True) -> list[Pair]:
+                    split_special: bool = True, max_length: Optional[int] = None) -> list[Pair]:
     """(input_ids, labels) of each segmented example. Labels are the ids on labelled segments
-    (every segment when `train_on_prompt`) and IGNORE_INDEX elsewhere."""
+    (every segment when `train_on_prompt`) and IGNORE_INDEX elsewhere.
+
+    With `max_length`, text past `char_budget` characters of a segment is not tokenised: the
+    first max_length ids of every example are unchanged (what truncation keeps), and an example
+    cut this way is still longer than max_length (what the overlong policy counts)."""
     bos, eos = special_ids(tokenizer)
+    budget = char_budget(tokenizer, max_length) if max_length is not None else None
     fresh: list[str] = []
     cont: list[str] = []
     plans = []  # per example: [(source, index or id, labelled)], source in "id" | "fresh" | "cont"
@@ -90,8 +120,8 @@ def encode_examples(tokenizer: Any, examples: Sequence[Sequence[Segment]], train
                 queue.append(s.text)
                 after_text = True
         plans.append(plan)
-    encoded = {"fresh": encode_texts(tokenizer, fresh, False, split_special),
-               "cont": encode_texts(tokenizer, cont, True, split_special)}
+    encoded = {"fresh": _encode_cut(tokenizer, fresh, False, split_special, budget, max_length),
+               "cont": _encode_cut(tokenizer, cont, True, split_special, budget, max_length)}
     pairs = []
     for plan in plans:
         ids: list[int] = []
@@ -102,6 +132,19 @@ def encode_examples(tokenizer: Any, examples: Sequence[Sequence[Segment]], train
             labels += piece if (labelled or train_on_prompt) else [IGNORE_INDEX] * len(piece)
         pairs.append((ids, labels))
     return pairs
+
+
+def _encode_cut(tokenizer: Any, texts: list[str], continuation: bool, split_special: bool,
+                budget: Optional[int], max_length: Optional[int]) -> list[list[int]]:
+    """encode_texts of each text cut to `budget` characters; a cut text whose ids do not reach
+    max_length + CUT_MARGIN is tokenised whole instead (see char_budget)."""
+    if budget is None:
+        return encode_texts(tokenizer, texts, continuation, split_special)
+    out = encode_texts(tokenizer, [t[:budget] for t in texts], continuation, split_special)
+    for i, text in enumerate(texts):
+        if len(text) > budget and len(out[i]) < max_length + CUT_MARGIN:
+            out[i] = encode_texts(tokenizer, [text], continuation, split_special)[0]
+    return out
 
 
 def fit_length(pairs: list[Pair], lines: Sequence[int], max_length: int, policy: str,

@@ -36,6 +36,9 @@ class EvalRecorder(TrainerCallback):
         self.save_at_target = save_at_target
         self.target_step: int | None = None
         self._forget: dict[int, dict[str, float]] = {}
+        if target_loss is not None:  # a resumed run: the target may have been reached before the checkpoint
+            self.target_step = next((r["step"] for r in log.read() if r.get("kind") == "eval"
+                                     and isinstance(r.get("eval_loss"), float) and r["eval_loss"] <= target_loss), None)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         # Trainer evaluates a dict of datasets one at a time, in order: the runner puts the
@@ -157,16 +160,26 @@ class Progress(TrainerCallback):
 
 
 class FaultGuard(TrainerCallback):
-    """NaN/Inf checks before each optimizer step, and SIGINT/SIGTERM turned into save-and-stop.
+    """NaN/Inf checks before each optimizer step and at each evaluation, and SIGINT/SIGTERM turned
+    into save-and-stop.
 
     Checking before the step means a bad gradient never reaches the weights, so no NaN weights
-    can be saved as a checkpoint or as the best model.
+    can be saved as a checkpoint or as the best model. `nan_policy=skip` skips such a step; it
+    stops all the same when skipping cannot help: an evaluation loss is NaN/Inf (the weights
+    themselves are broken), or MAX_SKIPS_IN_A_ROW steps in a row were skipped.
     """
+
+    # Bad batches are rare and scattered in shuffled data; this many in a row means the weights,
+    # not the data, give NaN (e.g. finite weights of 1e30 after a huge learning rate).
+    MAX_SKIPS_IN_A_ROW = 10
 
     def __init__(self, policy: str, log: MetricsLog, last_loss: Callable[[], torch.Tensor | None]):
         self.policy, self.log, self.last_loss = policy, log, last_loss
         self.interrupted: str | None = None
-        self.skipped = 0
+        # a resumed run counts the steps skipped before its checkpoint too (the log holds them)
+        self.skipped = sum(1 for r in log.read() if r.get("kind") == "event"
+                           and str(r.get("event", "")).endswith("step skipped"))
+        self._in_a_row = 0
         self._previous: dict[int, Any] = {}
 
     # -- signals
@@ -225,6 +238,7 @@ class FaultGuard(TrainerCallback):
         loss_bad, grad_bad = any_process([loss_bad, grad_bad], device)
         bad = "loss" if loss_bad else ("gradient" if grad_bad else None)
         if bad is None:
+            self._in_a_row = 0
             return
         step = state.global_step + 1
         if self.policy == "stop":
@@ -232,11 +246,33 @@ class FaultGuard(TrainerCallback):
             raise NonFiniteError(f"step {step}: the {bad} is NaN or Inf; stopped before the optimizer step "
                                  "(weights untouched). Lower optimizer.lr, check the data, or set "
                                  "train.nan_policy=skip to skip such steps")
+        self._in_a_row += 1
+        if self._in_a_row >= self.MAX_SKIPS_IN_A_ROW:
+            self.log.write({"kind": "event", "step": step, "event": f"non-finite {bad}: stopped "
+                            f"after {self._in_a_row} skipped steps in a row"})
+            raise NonFiniteError(f"step {step}: the {bad} was NaN or Inf at {self._in_a_row} steps in a row; "
+                                 "skipping steps cannot help when the weights themselves give NaN, so the run "
+                                 "stopped (the weights of the skipped steps were not saved). Resume from an "
+                                 "earlier checkpoint with a lower optimizer.lr, or check the data")
         # skip: a parameter whose grad is None is left alone by torch optimizers (state too).
         for p in model.parameters():
             p.grad = None
         self.skipped += 1
         self.log.write({"kind": "event", "step": step, "event": f"non-finite {bad}: step skipped"})
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # whatever the policy: skipping steps cannot repair weights that give a NaN loss on held-out
+        # data; continuing would hand over a model with a stale "best" and a false final loss
+        bad = sorted(k for k, v in (metrics or {}).items()
+                     if k.endswith("_loss") and isinstance(v, float) and not math.isfinite(v))
+        if not bad:
+            return
+        what = ", ".join(k.removeprefix("eval_") for k in bad)
+        self.log.write({"kind": "event", "step": state.global_step, "event": f"non-finite {what}: stopped"})
+        raise NonFiniteError(f"step {state.global_step}: the evaluation gives NaN or Inf ({what}): the weights "
+                             "no longer give finite outputs; stopped without saving them (the checkpoints "
+                             "already written are untouched). Resume from an earlier checkpoint with a lower "
+                             "optimizer.lr, or check the data")
 
 
 class Timer(TrainerCallback):

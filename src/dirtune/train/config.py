@@ -7,6 +7,7 @@ naming the file, the dotted key, the bad value and what is accepted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import difflib
 import types
@@ -33,8 +34,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass
 class ModelConfig:
-    path: str = _f("", "transformers checkpoint directory (config.json, weights, tokenizer)")
-    tokenizer: Optional[str] = _f(None, "tokenizer directory if not beside the weights")
+    path: str = _f("", "transformers checkpoint directory (config.json, weights, tokenizer), or a .gguf file")
+    tokenizer: Optional[str] = _f(None, "tokenizer directory (or .gguf file) if not beside the weights")
     dtype: Literal["fp32", "bf16", "fp16"] = _f("fp32", "dtype the weights are loaded and trained in")
     gradient_checkpointing: bool = _f(False, "recompute activations: less memory, ~30% more time")
     attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel")
@@ -66,7 +67,7 @@ class DataConfig:
                                      "the responses, under the run's template)")
     format: Literal["auto", "alpaca", "chat", "text"] = _f("auto", "record format")
     template: Literal["auto", "llama2", "tokenizer", "plain"] = _f(
-        "auto", "prompt rendering: llama2 [INST], the tokenizer's chat template, or plain")
+        "auto", "prompt rendering: llama2 [INST], the tokenizer's chat template, or plain; auto: the tokenizer's if it has one")
     max_length: int = _f(512, "tokens per example (and per packed block)")
     overlong: Literal["truncate", "reject"] = _f("truncate", "what to do with longer examples")
     packing: bool = _f(False, "pack examples into max_length blocks (text is always blocked)")
@@ -290,7 +291,7 @@ def validate(cfg: Config) -> Config:
         (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "a number >= 0"),
         (len(cfg.optimizer.betas) == 2 and all(0 <= b < 1 for b in cfg.optimizer.betas),
          "optimizer.betas", cfg.optimizer.betas, "two numbers in [0, 1)"),
-        (cfg.optimizer.eps >= 0, "optimizer.eps", cfg.optimizer.eps, "a number >= 0"),
+        (cfg.optimizer.eps > 0, "optimizer.eps", cfg.optimizer.eps, "a number > 0 (Adam divides by sqrt(v) + eps)"),
         (cfg.train.max_steps == -1 or cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "-1 or >= 1"),
         (cfg.train.num_epochs > 0, "train.num_epochs", cfg.train.num_epochs, "a number > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "an integer >= 1"),
@@ -308,10 +309,23 @@ def validate(cfg: Config) -> Config:
          "train.device", cfg.train.device, "auto, cpu, cuda or cuda:N"),
         (all(r in ("tensorboard", "none") for r in cfg.train.report_to), "train.report_to",
          cfg.train.report_to, "a list of 'tensorboard' or 'none'"),
+        (0 <= cfg.train.seed < 2**32, "train.seed", cfg.train.seed, "an integer in [0, 2**32)"),
+        (0 <= cfg.data.seed < 2**32, "data.seed", cfg.data.seed, "an integer in [0, 2**32)"),
+        (cfg.train.num_workers >= 0, "train.num_workers", cfg.train.num_workers, "an integer >= 0"),
     ]
+    for key, value in _floats(cfg):  # inf passes "> 0" checks, and nan fails them with a vague message
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected a finite number")
     for ok, key, value, accepted in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is not valid; expected {accepted}")
+    validating = bool(cfg.data.valid_file) or cfg.data.valid_ratio > 0
+    if validating and cfg.train.save_every and cfg.train.save_every % cfg.train.eval_every:
+        # the best checkpoint is chosen at evaluations, so checkpoints must fall on them
+        raise ConfigError(f"train.save_every: {cfg.train.save_every} is not a multiple of train.eval_every="
+                          f"{cfg.train.eval_every}; with validation data checkpoints must fall on evaluations "
+                          "(the best one is kept); use a multiple of eval_every, or 0 to save at evaluations "
+                          "that improve")
     if cfg.method.schedule != "constant" and cfg.method.penalty == "none" and cfg.optimizer.name != "balanced_adamw":
         raise ConfigError(f"method.schedule: {cfg.method.schedule!r} schedules the method's strengths, but "
                           "there are none here (method.penalty: none, optimizer.name: adamw); set a "
@@ -340,6 +354,33 @@ def validate(cfg: Config) -> Config:
     if cfg.finetune.type == "full" and (cfg.finetune.use_dora or cfg.finetune.loraplus_ratio):
         raise ConfigError("finetune.use_dora / finetune.loraplus_ratio apply to finetune.type: lora only")
     return cfg
+
+
+def _floats(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in the tree, list items included."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found += _floats(value, key + ".")
+        elif isinstance(value, float):
+            found.append((key, value))
+        elif isinstance(value, list):
+            found += [(f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float)]
+    return found
+
+
+def check_device(device: str) -> None:
+    """ConfigError if `train.device` asks for a GPU this process cannot see. A run check, not a
+    config one (the same file is valid on a GPU machine); call it after 'cuda:N' narrowed
+    CUDA_VISIBLE_DEVICES, which CUDA reads once."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device!r}, but this process sees no CUDA GPU "
+                          "(torch.cuda.is_available() is False); use train.device=cpu, or auto to take a GPU when there is one")
 
 
 def from_dict(data: dict, source: str = "config") -> Config:
@@ -377,7 +418,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               f"({', '.join(f.name for f in dataclasses.fields(Config))})")
         source = str(path)
     apply_overrides(data, overrides or [])
-    return from_dict(data, source)
+    try:
+        return from_dict(data, source)
+    except ConfigError as e:
+        if source != "command line" and _names_an_override(str(e), overrides or []):
+            raise ConfigError("command line" + str(e)[len(source):]) from None
+        raise
+
+
+def _names_an_override(message: str, overrides: list[str]) -> bool:
+    """Is the key a `from_dict` message is about one the command line set? Then the command
+    line is to blame, not the file (whose name from_dict put first)."""
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    m = re.match(r"[^:]*: (?:unknown key '([^']+)'|([A-Za-z_][\w.]*))", message)
+    about = (m.group(1) or m.group(2)) if m else None
+    if about and any(about == k or about.startswith(k + ".") or k.startswith(about + ".") for k in keys):
+        return True
+    return any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message) for k in keys if k)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

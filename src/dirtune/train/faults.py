@@ -4,8 +4,11 @@ errors a run stops with.
 A checkpoint is written into `.partial-checkpoint-N/` beside the others, flushed to disk, and
 only then renamed to `checkpoint-N/`: a run killed while saving (kill -9, a full disk, a lost
 node) leaves the previous checkpoints as they were and, at worst, a `.partial-*` folder that
-the next run removes. `checkpoint_problem` tells a complete checkpoint from a truncated or
-damaged one; `latest_good_checkpoint` is what `train.resume=auto` resumes from.
+the next run removes. Each published folder carries `checksums.json` (checksums.py), written
+before the rename. `checkpoint_problem` tells a complete checkpoint from a truncated or damaged
+one; `latest_good_checkpoint` is what `train.resume=auto` resumes from. A checkpoint of a run
+whose training had ended (killed while final/ or summary.json was written) is not trained on:
+the trainer only hands over its model (`AtomicCheckpoints.train`).
 
 Heavy libraries (torch, safetensors, transformers) are imported where used, so that the run
 folder code can import this module cheaply.
@@ -23,11 +26,14 @@ from pathlib import Path
 from typing import Iterable
 
 from dirtune.models.errors import ModelError
+from dirtune.train import checksums
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_PREFIX = ".partial-"     # a checkpoint being written; never read
 REPLACED_PREFIX = ".replaced-"   # an older checkpoint of the same step, removed once its successor is in place
 CORRUPT_PREFIX = "corrupt-"      # kept for inspection; outside transformers' `checkpoint-*` glob
+PREVIOUS_RUN = ".previous-run"   # a run being replaced (--overwrite), kept until the new one's first checkpoint
+SET_ASIDE = ".complete"          # in PREVIOUS_RUN once the whole old run is in it
 
 # What a resumable checkpoint needs besides trainer_state.json: one weights file (full model,
 # sharded index or PEFT adapter) and the optimizer and scheduler, without which transformers
@@ -35,7 +41,10 @@ CORRUPT_PREFIX = "corrupt-"      # kept for inspection; outside transformers' `c
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                 "pytorch_model.bin", "adapter_model.bin")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt")
-OPTIONAL_TORCH_FILES = ("rng_state.pth", "scaler.pt")
+OPTIONAL_TORCH_FILES = ("scaler.pt",)
+# The random state (dropout, data order): one file, or one per process (rng_state_<rank>.pth).
+# Without it transformers resumes anyway, with other dropout masks: no longer the same run.
+RNG_FILES = ("rng_state.pth", "rng_state_0.pth")
 
 
 class NonFiniteError(RuntimeError):
@@ -112,8 +121,9 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     """None if `folder` is a complete checkpoint; else what is wrong with it, in a few words.
 
     Checks, without loading tensors: trainer_state.json parses and names the folder's step;
-    every weights file's header parses and covers the file; optimizer.pt and scheduler.pt (and
-    rng_state.pth if present) are non-empty, complete torch archives.
+    every weights file's header parses and covers the file; optimizer.pt, scheduler.pt and the
+    RNG state are non-empty, complete torch archives; and, last, every file matches its
+    checksum in checksums.json (bytes changed in place, which the other checks cannot see).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -140,10 +150,14 @@ def checkpoint_problem(folder: str | Path) -> str | None:
             return f"no {name}"
         if found[0].is_file() and (problem := _zip_problem(found[0])):
             return problem
-    for name in OPTIONAL_TORCH_FILES:
-        if (folder / name).is_file() and (problem := _zip_problem(folder / name)):
+    rng = [folder / n for n in RNG_FILES if (folder / n).is_file()]
+    if not rng:
+        return ("no rng_state.pth (the random state of dropout and data order): resumed without it, "
+                "the run would no longer match an uninterrupted one")
+    for path in [*rng, *(folder / n for n in OPTIONAL_TORCH_FILES if (folder / n).is_file())]:
+        if problem := _zip_problem(path):
             return problem
-    return None
+    return checksums.problem(folder)
 
 
 def checkpoint_folders(out: str | Path) -> list[Path]:
@@ -194,10 +208,49 @@ def set_aside_corrupt(out: str | Path, after_step: int) -> list[Path]:
 
 
 def remove_leftovers(out: str | Path) -> None:
-    """Remove half-written folders a killed save left behind (they never hold finished work)."""
+    """Remove what a killed save left behind: half-written folders and files (they never hold
+    finished work), and a replaced run kept aside once its successor has a checkpoint."""
     for prefix in (PARTIAL_PREFIX, REPLACED_PREFIX):
         for p in Path(out).glob(prefix + "*"):
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
+    if checkpoint_folders(out) and (Path(out) / PREVIOUS_RUN / SET_ASIDE).exists():
+        _remove(Path(out) / PREVIOUS_RUN)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def training_finished(ckpt: str | Path, max_steps: int, target_loss: float | None) -> bool:
+    """Had training ended when `ckpt` was saved? (its step is max_steps, or an evaluation up to
+    it reached target_loss). Such a checkpoint is the last of its run: resuming it must hand
+    over the model, not train a step past the end. max_steps <= 0: the one the run computed."""
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))
+    step = state["global_step"]
+    total = max_steps if max_steps > 0 else int(state.get("max_steps") or 0)
+    if total > 0 and step >= total:
+        return True
+    if target_loss is None:
+        return False
+    return any(isinstance(e.get("eval_valid_loss"), (int, float)) and e["eval_valid_loss"] <= target_loss
+               for e in state.get("log_history", []) if e.get("step", step + 1) <= step)
+
+
+def rebased_best(ckpt: str | Path, run_dir: str | Path) -> str | None:
+    """The best checkpoint `ckpt`'s trainer state names, as a path in `run_dir` as spelled now.
+
+    The state holds the path as it was spelled when saved ("runs/a/checkpoint-8"); resumed as
+    "/home/x/runs/a", or after the folder moved, that string no longer matches the folders
+    transformers lists, and rotation would delete the best checkpoint as an ordinary one.
+    """
+    best = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8")).get("best_model_checkpoint")
+    if not best:
+        return None
+    here = Path(run_dir) / Path(best).name
+    return str(here) if CHECKPOINT_RE.match(here.name) and here.is_dir() else None
 
 
 # ---------------------------------------------------------------- atomic writing
@@ -265,22 +318,48 @@ def check_finite_weights(params: Iterable, step: int) -> None:
                              "data, or resume from the last checkpoint")
 
 
-# How a failed write shows up: OSError from Python and safetensors, but RuntimeError from torch.save
-# ("PytorchStreamWriter failed writing file …: file write failed").
-_WRITE_FAILURES = ("write failed", "no space left", "os error 28", "disk quota", "os error 122")
+# How a failed write shows up: OSError from Python and safetensors, but RuntimeError from torch.save,
+# worded by where in its C++ writer the disk filled: "PytorchStreamWriter failed writing file …:
+# file write failed", "basic_ios::clear: iostream error", "[enforce fail at inline_container.cc:672]
+# . unexpected pos 8448 vs 8342" (seen on a full tmpfs, the last one chained on the one before).
+_WRITE_FAILURES = ("write failed", "no space left", "os error 28", "disk quota", "os error 122",
+                   "iostream error", "unexpected pos")
+_NEARLY_FULL = 16 << 20  # bytes free under which a failed write is taken as a full disk
 
 
-def _is_write_failure(e: BaseException) -> bool:
-    return isinstance(e, OSError) or any(w in str(e).lower() for w in _WRITE_FAILURES)
+def _chain(e: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def _free(where: Path) -> int | None:
+    try:
+        return shutil.disk_usage(where).free
+    except OSError:
+        return None
+
+
+def _is_write_failure(e: BaseException, where: Path | None = None) -> bool:
+    if any(isinstance(x, OSError) or any(w in str(x).lower() for w in _WRITE_FAILURES) for x in _chain(e)):
+        return True
+    free = _free(where) if where is not None else None
+    return isinstance(e, RuntimeError) and free is not None and free < _NEARLY_FULL
 
 
 def _disk_error(step: int, where: Path, e: BaseException) -> CheckpointError:
-    reason = (e.strerror if isinstance(e, OSError) else None) or str(e).strip().splitlines()[-1]
-    reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)  # torch's C++ location prefix
-    try:
-        free = f"; {shutil.disk_usage(where).free / 2**30:.1f} GiB free there"
-    except OSError:
-        free = ""
+    os_error = next((x for x in _chain(e) if isinstance(x, OSError) and x.strerror), None)
+    free_bytes = _free(where)
+    if os_error is not None:
+        reason = os_error.strerror
+    elif free_bytes is not None and free_bytes < _NEARLY_FULL:
+        reason = "No space left on device"  # torch's own words name its C++ source, not the cause
+    else:
+        reason = str(e).strip().splitlines()[-1]
+        reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)  # torch's C++ location prefix
+    free = f"; {free_bytes / 2**30:.1f} GiB free there" if free_bytes is not None else ""
     return CheckpointError(f"step {step}: could not write the checkpoint into {where} ({reason}{free}); "
                            "the checkpoints already there are untouched. Free disk space (or fix the "
                            "permissions) and resume with train.resume=auto")
@@ -290,11 +369,51 @@ class AtomicCheckpoints:
     """Trainer mixin: `checkpoint-N/` appears complete or not at all, never with NaN weights.
 
     transformers.Trainer writes a checkpoint into `_get_output_dir()/checkpoint-N`; while
-    saving, that directory is pointed at a staging folder, and the result is published by one
-    rename. Old checkpoints are rotated afterwards in the real folder, as Trainer would.
+    saving, that directory is pointed at a staging folder, checksums are added, and the result
+    is published by one rename. Old checkpoints are rotated afterwards in the real folder, as
+    Trainer would. On resume, the best checkpoint's path is re-read in the folder as spelled
+    now, and a checkpoint saved after training ended is only handed over (`train`).
     """
 
     _staging: Path | None = None
+    _resumed_from: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_best_checkpoint_follower(self))
+        # Rotation is ours (_save_checkpoint). Left to transformers, save_total_limit=1 also deletes
+        # every checkpoint but the best when training ends, even when it ends on SIGTERM: the one
+        # just saved to resume from would go.
+        self._save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._resumed_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        cfg = getattr(self, "dirtune_cfg", None)
+        target = cfg.train.target_loss if cfg is not None else None
+        if self._resumed_from and training_finished(self._resumed_from, self.args.max_steps, target):
+            return self._hand_over(self._resumed_from)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _hand_over(self, ckpt: str):
+        """Training had ended at `ckpt`: load the model the uninterrupted run ended with (the
+        best checkpoint's weights when it loads the best at the end, else the checkpoint's) and
+        train nothing. transformers would run one more step, at learning rate 0."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        if self.args.world_size > 1:  # loading into a model not yet sharded is not supported by transformers
+            raise CheckpointError(f"train.resume: {ckpt} was saved when training had ended (killed while final/ "
+                                  "or summary.json was written); resume it with one process, which writes "
+                                  "final/ and summary.json without training")
+        self.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
+        self.state.best_model_checkpoint = rebased_best(ckpt, self.args.output_dir)
+        # a kill between publishing the last checkpoint and rotating the old ones left them all
+        rotate(Path(self.args.output_dir), self._save_total_limit, self.state.best_model_checkpoint)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+        else:
+            self._load_from_checkpoint(ckpt)
+        return TrainOutput(self.state.global_step, 0.0, {})
 
     def _get_output_dir(self, trial):
         if self._staging is not None:
@@ -302,8 +421,6 @@ class AtomicCheckpoints:
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import rotate_checkpoints
-
         step = self.state.global_step
         check_finite_weights((p for p in self.model.parameters() if p.requires_grad), step)
         run_dir = Path(self._get_output_dir(trial))
@@ -318,10 +435,12 @@ class AtomicCheckpoints:
         try:
             super()._save_checkpoint(model, trial)
         except Exception as e:
+            # judged before the partial folder is removed: its space is what ran out
+            error = _disk_error(step, run_dir, e) if _is_write_failure(e, run_dir) else None
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
-            if _is_write_failure(e):
-                raise _disk_error(step, run_dir, e) from None
+            if error is not None:
+                raise error from None
             raise
         finally:
             self._staging = None
@@ -338,18 +457,56 @@ class AtomicCheckpoints:
             self.state.best_model_checkpoint = str(final)
             self.state.save_to_json(str(written / "trainer_state.json"))
         try:
+            checksums.write(written)
             publish(written, final)
         except OSError as e:
-            raise _disk_error(step, run_dir, e) from None
+            error = _disk_error(step, run_dir, e)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise error from None
         shutil.rmtree(staging, ignore_errors=True)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        # the first checkpoint of a run that replaced another (--overwrite): the old one can go
+        _remove(run_dir / PREVIOUS_RUN)
+        rotate(run_dir, self._save_total_limit, self.state.best_model_checkpoint)
         if distributed:
             self.accelerator.wait_for_everyone()
 
 
+def rotate(run_dir: Path, keep: int | None, best: str | None) -> None:
+    """Delete the oldest checkpoints beyond `keep`, never the newest nor the best (transformers'
+    rule). Each is renamed out of sight first, so a kill mid-delete leaves no half checkpoint-N."""
+    folders = checkpoint_folders(run_dir)
+    if not keep or keep <= 0 or len(folders) <= keep:
+        return
+    protected = {folders[-1].name} | ({Path(best).name} if best else set())
+    remaining = len(folders)
+    for folder in folders:
+        if remaining <= max(keep, len(protected)):
+            break
+        if folder.name in protected:
+            continue
+        doomed = folder.with_name(REPLACED_PREFIX + folder.name)
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        remaining -= 1
+
+
+def _best_checkpoint_follower(trainer):
+    """A callback that, when a run resumes, points the best checkpoint at its folder as spelled now
+    (transformers drops a path that no longer exists, and keeps one spelled otherwise)."""
+    from transformers import TrainerCallback
+
+    class BestCheckpointFollower(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if trainer._resumed_from:
+                state.best_model_checkpoint = rebased_best(trainer._resumed_from, args.output_dir)
+
+    return BestCheckpointFollower()
+
+
 def save_model_atomically(trainer, dest: str | Path) -> Path:
-    """`trainer.save_model` into `dest` (weights or adapter, config, tokenizer) by staging + rename."""
+    """`trainer.save_model` into `dest` (weights or adapter, config, tokenizer, checksums) by
+    staging + rename."""
     dest = Path(dest)
     check_finite_weights((p for p in trainer.model.parameters() if p.requires_grad), trainer.state.global_step)
     staging = dest.with_name(PARTIAL_PREFIX + dest.name)
@@ -360,10 +517,12 @@ def save_model_atomically(trainer, dest: str | Path) -> Path:
     try:
         trainer.save_model(str(staging))
         if trainer.args.should_save:
+            checksums.write(staging)
             publish(staging, dest)
     except Exception as e:
+        error = _disk_error(trainer.state.global_step, dest.parent, e) if _is_write_failure(e, dest.parent) else None
         shutil.rmtree(staging, ignore_errors=True)
-        if _is_write_failure(e):
-            raise _disk_error(trainer.state.global_step, dest.parent, e) from None
+        if error is not None:
+            raise error from None
         raise
     return dest

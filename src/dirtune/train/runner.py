@@ -25,7 +25,7 @@ from dirtune.models.loading import check_tokenizer_matches, count_parameters, lo
 from dirtune.models.lora import apply_lora, prepare_full_finetune
 from dirtune.train import distributed, run_folder
 from dirtune.train.callbacks import BestInMemory, DriftMeter, EvalRecorder, FaultGuard, Progress
-from dirtune.train.config import Config, ConfigError
+from dirtune.train.config import Config, ConfigError, check_device
 from dirtune.train.faults import save_model_atomically
 from dirtune.train.plots import plot_run
 from dirtune.train.schedule import StrengthSchedule
@@ -133,9 +133,20 @@ def trained_model(output_dir: str | Path):
 
 def run_training(cfg: Config) -> dict:
     """Train per `cfg`; write the run folder; return the summary (also in summary.json)."""
+    try:
+        return _run_training(cfg)
+    except BaseException:
+        run_folder.restore_if_failed()  # a run --overwrite was replacing returns if no checkpoint was written
+        raise
+    finally:
+        run_folder.release()  # the run folder's lock
+
+
+def _run_training(cfg: Config) -> dict:
     started = time.perf_counter()
     _LAST.clear()  # the previous run's model: free it before this one loads
     _select_device(cfg.train.device)
+    check_device(cfg.train.device)
     # several processes (accelerate launch): all train, the main one alone writes the folder
     is_main, world = distributed.processes(cfg)
     if world > 1 and cfg.train.save_only_model:
@@ -221,7 +232,8 @@ def run_training(cfg: Config) -> dict:
         _LAST.update(out=Path(out).resolve(), model=trainer.model, tokenizer=tokenizer)
     records = log.read()
     summary = summarise(records, cfg, recorder.target_step, trainer, test_loss)
-    summary["forget"] = forget_summary(records, summary["best_step"], data.forget_sets)
+    if data.forget_sets:  # absent otherwise: readers then fall back on forget_loss_start/end
+        summary["forget"] = forget_summary(records, summary["best_step"], data.forget_sets)
     summary["epochs"] = _epochs(trainer.state.global_step, cfg, world, len(data.train))
     if in_memory:  # final/ holds the best weights; there is no checkpoint folder
         summary["best_checkpoint"] = str(final) if final else None
@@ -230,7 +242,7 @@ def run_training(cfg: Config) -> dict:
                    **distributed.timing_summary(clock, world))
     if is_main:
         if guard.interrupted is None:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            run_folder.write_json_atomically(out / "summary.json", summary)
         if cfg.train.plot:
             plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
     distributed.finish(world)

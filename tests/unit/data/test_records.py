@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import re
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,26 @@ def test_real_alpaca_demo_file_loads():
     fmt, examples = load_examples(p)
     assert fmt == "alpaca" and len(examples) == 999
     assert examples[1].line > examples[0].line
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "", "input": "", "output": ""}, "all its fields (instruction, input, output) are empty"),
+    ({"instruction": " ", "output": "\n\t"}, "all its fields (instruction, input, output) are empty"),
+    ({"question": "", "answer": ""}, "all its fields (instruction, input, output) are empty"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": " "}]},
+     "all its message contents are empty"),
+])
+def test_a_record_with_every_field_empty_is_refused_naming_its_line(row, message):
+    """issue 13: such a record trained on the end-of-sequence token alone, without a word."""
+    rows = [{"instruction": "a", "output": "b"} if "messages" not in row else
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, row]
+    if "question" in row:
+        rows[0] = {"question": "a", "answer": "b"}
+    records = records_from_bytes(jsonl(rows).encode(), "f.jsonl", "json")
+    with pytest.raises(DataError, match=rf"f\.jsonl: line 2: {re.escape(message)}; there is nothing to train on"):
+        to_examples(records, "f.jsonl")
+
+
+def test_a_record_with_only_a_response_is_still_fine():
+    records = records_from_bytes(jsonl([{"instruction": "", "output": "b"}]).encode(), "f.jsonl", "json")
+    assert to_examples(records, "f.jsonl")[1][0].output == "b"

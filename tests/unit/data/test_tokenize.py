@@ -152,3 +152,48 @@ def test_tokenizer_without_eos_is_refused():
 
     with pytest.raises(DataError, match="the tokenizer has no EOS token"):
         special_ids(NoEos())
+
+
+def _long_record(n_words: int) -> str:
+    words = ["hello", "world", "the", "answer", "is", "forty", "two", "unknownword", "!"]
+    return " ".join(words[(i * 7 + i // 3) % len(words)] for i in range(n_words))
+
+
+@pytest.mark.parametrize("tok_name", ["word_tok", "sp_tok"])
+def test_a_long_record_is_cut_before_tokenising_with_the_same_kept_ids(tok_name, request):
+    """Issue 13 item 11: a huge record peaked at 2 GB because all of it was tokenised before
+    truncation. With max_length the tokeniser sees a bounded prefix, and what truncation keeps
+    (the first max_length ids and labels) is exactly what the whole record gives."""
+    from dirtune.data.tokenize import char_budget
+
+    tok = request.getfixturevalue(tok_name)
+    max_length = 48
+    ex = render(Alpaca("summarise " + _long_record(400), "", _long_record(20_000), 1), "llama2")
+    [whole] = encode_examples(tok, [ex])
+    calls = []
+    original = tok.__call__
+
+    class Spy:  # records the longest text handed to the tokenizer
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, texts, **kw):
+            calls.append(max(len(t) for t in ([texts] if isinstance(texts, str) else texts)))
+            return original(texts, **kw)
+
+    [cut] = encode_examples(Spy(), [ex], max_length=max_length)
+    # + 1: a continuation segment is encoded after a one-character sentinel (encode_texts)
+    assert max(calls) <= char_budget(tok, max_length) + 1 < len(_long_record(20_000))
+    assert cut[0][:max_length] == whole[0][:max_length]
+    assert cut[1][:max_length] == whole[1][:max_length]
+    assert len(cut[0]) > max_length  # still counted as overlong
+
+
+def test_a_cut_that_leaves_too_few_tokens_tokenises_the_whole_text(word_tok):
+    # one unknown "word" of 50k characters is a single <unk>: the cut prefix would be one token
+    # too, so the margin check falls back to the whole text and the ids stay exact
+    text = "x" * 50_000 + " hello world" * 100
+    ex = render(Alpaca("q", "", text, 1), "llama2")
+    [whole] = encode_examples(word_tok, [ex])
+    [cut] = encode_examples(word_tok, [ex], max_length=16)
+    assert cut == whole

@@ -18,6 +18,9 @@ class ListLog:
     def write(self, record):
         self.records.append(record)
 
+    def read(self):
+        return list(self.records)
+
 
 def _state(step):
     return SimpleNamespace(global_step=step)

@@ -38,6 +38,15 @@ BAD_DICTS = [
     ({"train": {"device": "gpu"}}, "train.device: 'gpu' is not valid; expected auto, cpu, cuda or cuda:N"),
     ({"method": {"penalty": "coupled"}}, "method.direction_weight: 0 with method.penalty='coupled' does nothing"),
     ({"method": {"penalty": "decoupled", "direction_weight": 1.0}}, "it needs optimizer.name: balanced_adamw"),
+    # issue 13: values that passed here and failed later, after --overwrite had cleared the old run
+    ({"train": {"save_every": 3, "eval_every": 2}}, "train.save_every: 3 is not a multiple of train.eval_every=2"),
+    ({"train": {"num_workers": -1}}, "train.num_workers: -1 is not valid; expected an integer >= 0"),
+    ({"optimizer": {"lr": "inf"}}, "optimizer.lr: inf is not valid; expected a finite number"),
+    ({"optimizer": {"betas": [0.9, "nan"]}}, "optimizer.betas[1]: nan is not valid; expected a finite number"),
+    ({"train": {"target_loss": "-inf"}}, "train.target_loss: -inf is not valid; expected a finite number"),
+    ({"train": {"seed": -1}}, "train.seed: -1 is not valid; expected an integer in [0, 2**32)"),
+    ({"data": {"seed": 2**32}}, "data.seed: 4294967296 is not valid; expected an integer in [0, 2**32)"),
+    ({"optimizer": {"eps": 0}}, "optimizer.eps: 0.0 is not valid; expected a number > 0"),
 ]
 
 
@@ -201,3 +210,37 @@ def test_a_schedule_with_nothing_to_schedule_is_refused():
         load_config(None, ["data.train_file=a.json", "method.schedule=decay"])
     cfg = load_config(None, ["data.train_file=a.json", "method.schedule=warmup", "optimizer.name=balanced_adamw"])
     assert cfg.method.schedule == "warmup"
+
+
+def test_save_every_off_the_evaluations_is_fine_without_validation_data():
+    cfg = from_dict({"data": {"valid_ratio": 0}, "train": {"save_every": 3, "eval_every": 2}})
+    assert cfg.train.save_every == 3
+
+
+@pytest.mark.parametrize("overrides, blamed", [
+    (["train.batch_size=eight"], "command line: train.batch_size: 'eight' is not valid"),
+    (["train.max_step=3"], "command line: unknown key 'train.max_step'"),
+    (["method.penalty=coupled"], "command line: method.direction_weight: 0 with method.penalty='coupled'"),
+    (["train.seed=3"], "{file}: train.max_steps: -5 is not valid"),  # the file's own mistake
+])
+def test_a_bad_value_is_blamed_on_where_it_was_given(tmp_path, overrides, blamed):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {batch_size: 2, max_steps: 5}\n" if "-5" not in blamed else "train: {max_steps: -5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    assert str(e.value).startswith(blamed.replace("{file}", str(path)))
+
+
+def test_device_cuda_without_a_gpu_is_refused(monkeypatch):
+    import torch
+
+    from dirtune.train.config import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=rf"train.device: '{device}', but this process sees no CUDA GPU"):
+            check_device(device)
+    check_device("cpu")
+    check_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_device("cuda")

@@ -47,6 +47,8 @@ DAMAGE = [
     ("optimizer truncated", lambda c: truncate(c / "optimizer.pt", 0.9), "optimizer.pt is truncated"),
     ("no scheduler", lambda c: (c / "scheduler.pt").unlink(), "no scheduler.pt"),
     ("rng state truncated", lambda c: truncate(c / "rng_state.pth"), "rng_state.pth"),
+    # issue 13.3: transformers resumes without it, silently with other dropout masks
+    ("no rng state", lambda c: (c / "rng_state.pth").unlink(), "no rng_state.pth (the random state"),
 ]
 
 
@@ -129,9 +131,95 @@ def test_remove_leftovers_only_touches_half_written_folders(tmp_path):
     make_checkpoint(tmp_path / "checkpoint-4", 4)
     (tmp_path / ".partial-checkpoint-8" / "checkpoint-8").mkdir(parents=True)
     (tmp_path / ".replaced-checkpoint-4").mkdir()
+    (tmp_path / ".partial-summary.json").write_text('{"final_st')  # a file: the atomic summary write
+    (tmp_path / ".previous-run" / "checkpoint-2").mkdir(parents=True)  # its successor has a checkpoint
+    (tmp_path / ".previous-run" / ".complete").write_text("")
     (tmp_path / "notes.txt").write_text("mine")
     faults.remove_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "notes.txt"]
+
+
+def test_rotation_keeps_the_newest_and_the_best_and_never_shows_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    for step in (2, 4, 6, 8):
+        make_checkpoint(tmp_path / f"checkpoint-{step}", step)
+    faults.rotate(tmp_path, 2, str(tmp_path / "checkpoint-2"))
+    assert [p.name for p in faults.checkpoint_folders(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
+    make_checkpoint(tmp_path / "checkpoint-10", 10)
+
+    def killed(path, *args, **kwargs):
+        if Path(path).is_dir():
+            (Path(path) / "optimizer.pt").unlink()  # one file gone, then kill -9
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(faults.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        faults.rotate(tmp_path, 2, str(tmp_path / "checkpoint-2"))
+    # the half-deleted folder is out of sight, and removed at the next start
+    assert [p.name for p in faults.checkpoint_folders(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    monkeypatch.undo()
+    faults.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2"]
+
+
+def test_a_per_process_rng_state_counts(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "checkpoint-4", 4)
+    (ckpt / "rng_state.pth").rename(ckpt / "rng_state_0.pth")  # as a run of several processes saves it
+    assert faults.checkpoint_problem(ckpt) is None
+
+
+def test_training_finished_at_max_steps_or_at_the_target(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "checkpoint-8", 8)
+    state = {"global_step": 8, "max_steps": 8,
+             "log_history": [{"eval_valid_loss": 2.0, "step": 4}, {"eval_valid_loss": 1.5, "step": 8}]}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert faults.training_finished(ckpt, 8, None)
+    assert faults.training_finished(ckpt, -1, None)  # epochs: the max_steps the run computed
+    assert not faults.training_finished(ckpt, 12, None)
+    assert faults.training_finished(ckpt, 12, 1.5) and faults.training_finished(ckpt, 12, 2.0)
+    assert not faults.training_finished(ckpt, 12, 1.0)
+
+
+def test_rebased_best_follows_the_folder_as_spelled_now(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "moved" / "checkpoint-8", 8)
+    make_checkpoint(tmp_path / "moved" / "checkpoint-4", 4)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "best_model_checkpoint": "runs/a/checkpoint-4"}))
+    assert faults.rebased_best(ckpt, tmp_path / "moved") == str(tmp_path / "moved" / "checkpoint-4")
+    assert faults.rebased_best(ckpt, "elsewhere") is None  # no such folder there: no best to keep
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert faults.rebased_best(ckpt, tmp_path / "moved") is None
+
+
+TORCH_DISK_FULL = [  # how torch.save says it, by where in its C++ writer the disk filled (seen on a tmpfs)
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8448 vs 8342"),
+    RuntimeError("basic_ios::clear: iostream error"),
+    RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed"),
+    OSError(28, "No space left on device"),
+]
+
+
+@pytest.mark.parametrize("error", TORCH_DISK_FULL, ids=["unexpected pos", "iostream", "write failed", "ENOSPC"])
+def test_full_disk_errors_are_write_failures(tmp_path, error):
+    assert faults._is_write_failure(error, tmp_path)
+    message = str(faults._disk_error(8, tmp_path, error))
+    assert message.startswith(f"step 8: could not write the checkpoint into {tmp_path} (")
+    assert "enforce fail" not in message and "GiB free there" in message
+
+
+def test_a_chained_write_failure_is_found_and_a_nearly_full_disk_named(tmp_path, monkeypatch):
+    try:
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . some other words")
+    except RuntimeError as e:
+        chained = e
+    assert faults._is_write_failure(chained, tmp_path)
+    assert not faults._is_write_failure(RuntimeError("shape mismatch"), tmp_path)  # a bug stays a bug
+    monkeypatch.setattr(faults, "_free", lambda where: 4096)
+    assert faults._is_write_failure(RuntimeError("some words from C++"), tmp_path)
+    assert "(No space left on device; 0.0 GiB free there)" in str(faults._disk_error(8, tmp_path, chained))
 
 
 def test_check_finite_weights_names_the_step():
@@ -141,6 +229,13 @@ def test_check_finite_weights_names_the_step():
         with pytest.raises(faults.NonFiniteError, match=r"^step 7: the weights hold NaN or Inf"):
             faults.check_finite_weights([torch.ones(3), torch.tensor([1.0, bad])], 7)
     faults.check_finite_weights([], 0)
+
+
+@pytest.fixture(autouse=True)
+def released():
+    """Each test's run-folder locks are given back, as run_training does at its end."""
+    yield
+    run_folder.release()
 
 
 def _cfg(out: Path, *extra: str):
@@ -186,7 +281,10 @@ def test_resolve_refuses_a_used_folder_and_writes_nothing(tmp_path):
     make_checkpoint(tmp_path / "checkpoint-5", 5)
     (tmp_path / "final").mkdir()
     run_folder.claim(resolved, None)
-    assert list(tmp_path.iterdir()) == []
+    # the old run is set aside whole (not deleted) until the new one writes its first checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dirtune.lock", ".previous-run"]
+    assert sorted(p.name for p in (tmp_path / ".previous-run").iterdir()) == [".complete", "checkpoint-5", "final",
+                                                                            "summary.json"]
 
 
 def test_a_signal_saves_and_stops_and_a_second_one_stops_at_once(tmp_path, capsys):
@@ -215,3 +313,20 @@ def test_a_signal_saves_and_stops_and_a_second_one_stops_at_once(tmp_path, capsy
     assert signal.getsignal(signal.SIGINT) is before
     err = capsys.readouterr().err
     assert "SIGINT: saving a checkpoint after this step" in err and "second SIGINT: stopping without saving" in err
+
+
+def test_a_resumed_run_counts_what_happened_before_its_checkpoint(tmp_path):
+    """skipped_steps and target_step came from memory only: a resumed run reported 0 and None."""
+    from dirtune.train.callbacks import EvalRecorder, FaultGuard
+    from dirtune.train.run_folder import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "event", "step": 3, "event": "non-finite loss: step skipped"},
+        {"kind": "eval", "step": 4, "eval_loss": 2.0},
+        {"kind": "event", "step": 5, "event": "non-finite gradient: step skipped"},
+        {"kind": "eval", "step": 6, "eval_loss": 1.2},
+        {"kind": "eval", "step": 8, "eval_loss": 1.1}]))
+    log = MetricsLog(path, resume_step=8)
+    assert FaultGuard("skip", log, lambda: None).skipped == 2
+    assert EvalRecorder(log, 1.5).target_step == 6 and EvalRecorder(log, 1.0).target_step is None
