@@ -91,11 +91,22 @@ pack() {
   ls -la "$OUT"
 }
 
+stop() {  # PID: the bench process and its workers, at once (a run cut short starts again next call)
+  kill -STOP "$1" 2>/dev/null      # first, so that it cannot start new workers meanwhile
+  pkill -KILL -P "$1" 2>/dev/null  # its pool workers (timeout alone would leave them running)
+  kill -KILL "$1" 2>/dev/null
+}
+
 bench() {  # NAME JOBS SECONDS [KEY=VALUE ...]: one bench, stopped at the deadline
-  local name=$1 jobs=$2 left=$3
+  local name=$1 jobs=$2 left=$3 pid watcher rc
   shift 3
-  timeout -k 20 "$left" python3 -m dirtune.cli bench "bench/gpu/$name.yaml" "jobs=$jobs" "$@" >> "$OUT/$name.log" 2>&1
-  echo "$name: exit $? after $((SECONDS - START)) s" | tee -a "$OUT/$name.log"
+  python3 -m dirtune.cli bench "bench/gpu/$name.yaml" "jobs=$jobs" "$@" >> "$OUT/$name.log" 2>&1 &
+  pid=$!
+  ( sleep "$left"; echo "$name: deadline, stopping" >> "$OUT/$name.log"; stop "$pid" ) &
+  watcher=$!
+  wait "$pid"; rc=$?
+  pkill -P "$watcher" 2>/dev/null; kill "$watcher" 2>/dev/null
+  echo "$name: exit $rc after $((SECONDS - START)) s" | tee -a "$OUT/$name.log"
 }
 
 START_EPOCH=$(date +%s)
@@ -103,7 +114,7 @@ case "$MODE" in
   stash)
     stash ;;
   run)
-    LIMIT=${1:?run SECONDS}; LORA_JOBS=${2:-8}; FULL_JOBS=${3:-7}
+    LIMIT=${1:?run SECONDS}; LORA_JOBS=${2:-9}; FULL_JOBS=${3:-6}   # LoRA runs need ~1.6x the GPU time
     stash && setup && model || exit 1
     sample_gpu
     left=$((LIMIT - (SECONDS - START) - 30))   # 30 s to pack what came out

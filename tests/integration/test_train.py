@@ -43,6 +43,7 @@ def test_method_reduces_training_loss(tiny_checkpoint, task_files, tmp_path, kin
     # a random 2-layer model on character data: LoRA alone moves slowly, full fine-tuning fast
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - (0.05 if kind == "lora" else 0.1)
     assert summary["best_eval_loss"] < summary["forget_loss_start"] + 100  # finite, recorded
+    assert "forget" not in summary  # only data.forget_file: readers take forget_loss_start/end
     evals = [r for r in read_metrics(tmp_path / kind / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 10, 20, 30]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]

@@ -99,3 +99,16 @@ def test_no_finite_loss_keeps_nothing():
     best.on_evaluate(None, _state(0), None, metrics={"eval_valid_loss": math.inf}, model=_model())
     best.on_evaluate(None, _state(0), None, metrics={"eval_forget_loss": 1.0}, model=_model())
     assert best.best is None and not best.restore(global_step=0)
+
+
+def test_forget_summary_reads_start_end_and_the_best_step():
+    from dirtune.train.runner import forget_summary
+
+    records = [{"kind": "eval", "step": 0, "eval_loss": 3.0, "forget_web_loss": 2.0},
+               {"kind": "train", "step": 5, "loss": 1.0},
+               {"kind": "eval", "step": 10, "eval_loss": 1.0, "forget_web_loss": 2.5, "forget_i_loss": 9.0},
+               {"kind": "eval", "step": 20, "eval_loss": 2.0, "forget_web_loss": 3.0, "forget_i_loss": "nan"}]
+    out = forget_summary(records, best_step=10, names=["web", "i", "never"])
+    assert out["web"] == {"start": 2.0, "end": 3.0, "at_best": 2.5}
+    assert out["i"] == {"start": 9.0, "end": 9.0, "at_best": 9.0}  # a NaN (written as text) is no value
+    assert out["never"] == {"start": None, "end": None, "at_best": None}
