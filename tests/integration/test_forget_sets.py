@@ -1,4 +1,4 @@
-"""Named forget sets and the best weights kept in memory, end to end on the tiny random LLaMA (CPU)."""
+"""Named forget sets and train.keep_best=memory, end to end on the tiny random LLaMA (CPU)."""
 
 from __future__ import annotations
 
@@ -98,3 +98,57 @@ def test_best_at_the_start_puts_the_pretrained_weights_back(tiny_checkpoint, tas
     before = load_file(Path(tiny_checkpoint) / "model.safetensors")
     after = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(after[k], before[k]) for k in after)
+
+
+def _scheduled_valid_losses(monkeypatch, losses: dict[int, float]) -> None:
+    """The validation loss at step s is losses[s] (the last one given for later steps)."""
+    from dirtune.train.trainer import DirtuneTrainer
+
+    original = DirtuneTrainer.evaluation_loop
+
+    def loop(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        if kwargs.get("metric_key_prefix") == "eval_valid":
+            step = self.state.global_step
+            output.metrics["eval_valid_loss"] = losses[max(s for s in losses if s <= step)]
+        return output
+
+    monkeypatch.setattr(DirtuneTrainer, "evaluation_loop", loop)
+
+
+def test_a_best_in_the_middle_comes_back_as_from_its_checkpoint(tiny_checkpoint, task_files, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    _scheduled_valid_losses(monkeypatch, {0: 9.0, 5: 3.0, 10: 1.0, 15: 2.0})  # best at step 10 of 20
+    disk = run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "disk"))
+    memory = run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "memory", "train.keep_best=memory"))
+    assert disk["best_step"] == memory["best_step"] == 10
+    assert memory["test_loss"] == pytest.approx(disk["test_loss"], rel=1e-6)
+    a = load_file(tmp_path / "disk" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "memory" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert memory["forget"]["web"]["at_best"] == next(
+        r["forget_web_loss"] for r in read_metrics(tmp_path / "memory" / "metrics.jsonl")
+        if r["kind"] == "eval" and r["step"] == 10)
+
+
+def test_an_interrupted_memory_run_stops_cleanly_and_starts_again(tiny_checkpoint, task_files, tmp_path, monkeypatch):
+    from dirtune.train.callbacks import FaultGuard
+
+    original = FaultGuard.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):  # as SIGTERM at step 7 does
+        if state.global_step == 7 and self.interrupted is None:
+            self.interrupted = "SIGTERM"
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(FaultGuard, "on_step_end", on_step_end)
+    out = tmp_path / "cut"
+    extra = ("train.keep_best=memory", "train.save_only_model=true")
+    cut = run_training(_cfg(tiny_checkpoint, task_files, out, *extra))
+    assert cut["interrupted"] == "SIGTERM" and cut["final_step"] == 7
+    assert not (out / "summary.json").exists() and not (out / "final").exists()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-7"]  # weights only: not resumable
+    monkeypatch.setattr(FaultGuard, "on_step_end", original)
+    again = run_training(_cfg(tiny_checkpoint, task_files, out, *extra, "train.overwrite=true"))
+    assert again["final_step"] == 20 and (out / "summary.json").is_file()
