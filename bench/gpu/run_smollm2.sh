@@ -49,7 +49,9 @@ model() {  # join, check, convert once; link it where the bench files look (.gpu
         echo "model: part $name missing or incomplete; carry it with a 'stash' call first"; return 1; }
     done < "$manifest"
     sha=$(head -n 1 "$manifest" | cut -d ' ' -f 2)
-    grep -v gguf_sha256 "$manifest" | cut -d ' ' -f 1 | sed "s|^|$STASH/parts/|" | xargs cat | xz -dc > "$STASH/model.gguf" || return 1
+    grep -v gguf_sha256 "$manifest" | cut -d ' ' -f 1 | sed "s|^|$STASH/parts/|" | xargs cat \
+      | python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' \
+      > "$STASH/model.gguf" || return 1
     echo "$sha  $STASH/model.gguf" | sha256sum -c - || return 1
     rm -rf "$MODEL.partial"
     python3 -m dirtune.cli convert gguf "$STASH/model.gguf" "$MODEL.partial" --dtype fp32 || return 1
@@ -91,9 +93,17 @@ pack() {
   ls -la "$OUT"
 }
 
+children() {  # PID: its child processes, from /proc (the image may have no pkill)
+  local status
+  for status in /proc/[0-9]*/status; do
+    awk -v p="$1" '$1 == "PPid:" && $2 == p {found = 1} END {exit !found}' "$status" 2>/dev/null \
+      && basename "$(dirname "$status")"
+  done
+}
+
 stop() {  # PID: the bench process and its workers, at once (a run cut short starts again next call)
-  kill -STOP "$1" 2>/dev/null      # first, so that it cannot start new workers meanwhile
-  pkill -KILL -P "$1" 2>/dev/null  # its pool workers (timeout alone would leave them running)
+  kill -STOP "$1" 2>/dev/null                       # first, so that it cannot start new workers
+  kill -KILL $(children "$1") 2>/dev/null           # its pool workers (timeout alone leaves them)
   kill -KILL "$1" 2>/dev/null
 }
 
@@ -105,7 +115,7 @@ bench() {  # NAME JOBS SECONDS [KEY=VALUE ...]: one bench, stopped at the deadli
   ( sleep "$left"; echo "$name: deadline, stopping" >> "$OUT/$name.log"; stop "$pid" ) &
   watcher=$!
   wait "$pid"; rc=$?
-  pkill -P "$watcher" 2>/dev/null; kill "$watcher" 2>/dev/null
+  kill $(children "$watcher") "$watcher" 2>/dev/null
   echo "$name: exit $rc after $((SECONDS - START)) s" | tee -a "$OUT/$name.log"
 }
 
