@@ -221,3 +221,29 @@ def test_make_optimizer_and_keeping_the_trainers_own(tiny_checkpoint, tmp_path):
     assert all(r["direction_penalty"] >= 0 for r in mine.state.log_history if "loss" in r)
     with pytest.raises(ConfigError, match="already"):
         attach(mine, optimizer=None, penalty="coupled", direction_weight=LAM)
+
+
+def test_readme_snippet_runs(tiny_checkpoint, tmp_path, monkeypatch):
+    """The README's TRL snippet, as written, on the tiny model; on the CPU SFTConfig needs
+    use_cpu/bf16=False, and two logged steps are enough here."""
+    import re
+    from pathlib import Path
+
+    from datasets import Dataset
+
+    _needs("trl")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Use it from TRL / axolotl / LLaMA-Factory", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "attach(trainer" in code and 'SFTConfig(output_dir="out"' in code
+    code = code.replace('SFTConfig(output_dir="out"',
+                        'SFTConfig(output_dir="out", use_cpu=True, bf16=False, max_steps=2, logging_steps=1, '
+                        'report_to="none", save_strategy="no", disable_tqdm=True')
+    monkeypatch.chdir(tmp_path)
+    text = [{"text": "".join(chr(97 + (i * 7 + j) % 26) for j in range(30))} for i in range(8)]
+    scope = {"model": str(tiny_checkpoint), "dataset": Dataset.from_list(text)}
+    exec(compile(code, "README.md", "exec"), scope)
+    trainer = scope["trainer"]
+    assert isinstance(_unwrapped(trainer.optimizer), BalancedAdamW)
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logs) == 2 and logs[1]["direction_penalty"] > 0
