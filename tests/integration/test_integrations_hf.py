@@ -151,7 +151,7 @@ def test_coupled_penalty_is_in_the_logged_loss(kind, finetune, grad_accum, tiny_
     trainer.train()
 
     opt = _unwrapped(trainer.optimizer)
-    assert isinstance(opt, BalancedAdamW) and type(trainer).__name__.startswith("Dirtune")
+    assert isinstance(opt, BalancedAdamW) and type(trainer).__name__.endswith("TrainerWithDirtune")
     groups = {g["name"]: g for g in opt.param_groups}
     if finetune == "lora":   # B·A = 0 is the pretrained model: the adapters decay toward zero
         assert set(groups) == {"lora_A", "lora_B"} and {g["anchor"] for g in groups.values()} == {"zero"}

@@ -168,7 +168,7 @@ def _with_method(cls: type) -> type:
     if issubclass(cls, MethodTrainerMixin):
         return cls
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Dirtune{cls.__name__}", (MethodTrainerMixin, cls),
+        _CLASSES[cls] = type(f"{cls.__name__}WithDirtune", (MethodTrainerMixin, cls),
                              {"__module__": __name__, "__doc__": cls.__doc__})
     return _CLASSES[cls]
 
