@@ -5,8 +5,9 @@ trade-off, with AdamW's point and its dashed lines to compare against.
     python bench/frontier.py OUT.png TITLE bench/results/DATE-debian-full/summary.json \
         bench/results/DATE-debian-full-sweep/summary.json
 
-Each point is the median over seeds of the final validation loss (x) and of the forgetting (y);
-the bars span the seeds. Methods that appear in several benches (AdamW) are drawn once, from the
+Each point is the median over seeds of the final validation loss (x) and of the forgetting (y:
+the legacy forget set, or the first named forget set of runs that have only named sets); the
+bars span the seeds. Methods that appear in several benches (AdamW) are drawn once, from the
 first file.
 """
 
@@ -30,6 +31,16 @@ def colour(name):
     return next((c for prefix, c in FAMILIES.items() if name.startswith(prefix)), "tab:gray")
 
 
+def forgetting(m):
+    """({seed: Δ forget loss}, median) on the legacy forget set, else on the first named set
+    (protocol v2 summaries of runs that measure only named sets)."""
+    if any(v is not None for v in (m.get("forgetting") or {}).values()):
+        return m["forgetting"], m["forgetting_median"]
+    for fs in (m.get("forget_sets") or {}).values():
+        return fs["end"], fs["end_median"]
+    return {}, None
+
+
 def points(paths):
     """{task: {method: (loss median, [losses], forgetting median, [forgettings])}}"""
     out: dict[str, dict] = {}
@@ -37,9 +48,10 @@ def points(paths):
         for task, pair in json.loads(Path(path).read_text())["pairs"].items():
             for name, m in pair["methods"].items():
                 losses = [v for v in m.get("final_loss", {}).values() if v is not None]
-                forgets = [v for v in m.get("forgetting", {}).values() if v is not None]
+                forget, forget_median = forgetting(m)
+                forgets = [v for v in forget.values() if v is not None]
                 if losses and forgets and name not in out.setdefault(task, {}):
-                    out[task][name] = (m["final_loss_median"], losses, m["forgetting_median"], forgets)
+                    out[task][name] = (m["final_loss_median"], losses, forget_median, forgets)
     return out
 
 

@@ -61,11 +61,40 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from dirtune.models.lora import generate_text, load_for_inference
+    from dirtune.models.lora import generate_text, load_for_inference, prompt_ids
 
     model, tokenizer = load_for_inference(a.checkpoint, base=a.base)
-    print(generate_text(model, tokenizer, a.prompt, max_new_tokens=a.max_new_tokens, greedy=not a.sample))
+    # templated as training's data.template=auto renders a user turn, unless --raw
+    prompt = a.prompt if a.raw else prompt_ids(tokenizer, [("user", a.prompt)])
+    print(generate_text(model, tokenizer, prompt, max_new_tokens=a.max_new_tokens, greedy=not a.sample))
     return 0
+
+
+def _cmd_chat(a: argparse.Namespace) -> int:
+    from dirtune.models.lora import Conversation, load_for_inference
+
+    model, tokenizer = load_for_inference(a.checkpoint, base=a.base)
+    chat = Conversation(model, tokenizer, system=a.system, max_new_tokens=a.max_new_tokens)
+    tty = sys.stdin.isatty()
+    if tty:
+        print("one line per turn; /reset clears the history, /exit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            chat.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        if a.show_prompt:
+            ids = chat.prompt_ids(text)
+            print(f"--- prompt ({len(ids)} tokens) ---\n{tokenizer.decode(ids)}\n---", file=sys.stderr)
+        print(chat.reply(text), flush=True)
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
@@ -87,6 +116,10 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         if not a.tokenizer:
             raise SystemExit("dirtune convert llama2c: --tokenizer TOKENIZER.model is required")
         out = convert_llama2c(a.source, a.tokenizer, a.out, dtype=a.dtype)
+    elif a.format == "gguf":
+        from dirtune.models.convert_gguf import convert_gguf
+
+        out = convert_gguf(a.source, a.out, dtype=a.dtype)
     else:
         from dirtune.models.convert_meta import convert_meta
 
@@ -138,7 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--base", help="base model for a LoRA adapter")
+    g.add_argument("--raw", action="store_true", help="pass the prompt as-is (no chat template / [INST])")
     g.set_defaults(func=_cmd_generate)
+
+    ch = sub.add_parser("chat", help="chat with a checkpoint: one user turn per stdin line")
+    ch.add_argument("checkpoint")
+    ch.add_argument("--base", help="base model for a LoRA adapter")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--show-prompt", action="store_true", help="print each rendered prompt on stderr")
+    ch.set_defaults(func=_cmd_chat)
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into a standalone transformers checkpoint")
     m.add_argument("adapter")
@@ -146,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model (default: from adapter_config.json)")
     m.set_defaults(func=_cmd_merge)
 
-    c = sub.add_parser("convert", help="llama2.c .bin or Meta consolidated.*.pth -> transformers")
-    c.add_argument("format", choices=["llama2c", "meta"])
-    c.add_argument("source", help="llama2.c .bin file, or the Meta release folder")
+    c = sub.add_parser("convert", help="llama2.c .bin, Meta consolidated.*.pth or .gguf -> transformers")
+    c.add_argument("format", choices=["llama2c", "meta", "gguf"])
+    c.add_argument("source", help="llama2.c .bin file, the Meta release folder, or a .gguf file")
     c.add_argument("out")
     c.add_argument("--tokenizer", help="sentencepiece tokenizer.model (llama2c)")
     c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])

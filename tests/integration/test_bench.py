@@ -27,7 +27,8 @@ def test_bench_runs_real_training_and_writes_the_report(tmp_path, tiny_checkpoin
         "methods": [{"name": "adamw", "overrides": ["optimizer.name=adamw"]},
                     {"name": "anchored", "overrides": ["optimizer.name=balanced_adamw",
                                                        "optimizer.weight_decay=0.1"]}],
-        "lrs": [3e-3], "seeds": [0, 1, 2], "max_steps": 4, "eval_every": 2,
+        # one rate and no grid extension keep it quick; the report must then call the choice FAILED
+        "lrs": [3e-3], "max_grid_extensions": 0, "seeds": [0, 1, 2], "max_steps": 4, "eval_every": 2,
         "jobs": 0, "devices": ["cpu"],
     }
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(spec))
@@ -47,7 +48,13 @@ def test_bench_runs_real_training_and_writes_the_report(tmp_path, tiny_checkpoin
     assert res["pairs"]["task"]["methods"]["adamw"]["runs"][1]["angle"]  # drift was logged
     metric = json.loads((out / "runs/task/adamw/lr0.003_s0/metric.json").read_text())
     assert metric["n"] == 3 and metric["samples"][0]["prompt"].startswith("[INST]")
+    assert s["start_loss"] is not None and s["fraction_targets"]["0.5"] > s["target"]
+    assert s["methods"]["adamw"]["fractions"]["1"]["steps"]["reached"] >= 2
+    assert s["methods"]["anchored"]["edge"] is True
+    assert s["methods"]["anchored"]["forget_sets"]["source"]["end_median"] is not None
+    assert s["at_rates"]["0.003"]["methods"]["anchored"]["best_loss"] is not None
     md = (out / "report.md").read_text()
     assert "gsm8k (exact match)" in md and "Target T = **" in md
-    for name in ("val_loss_task.png", "angle_task.png", "tradeoff_task.png"):
+    assert "**FAILED: adamw, anchored** (chosen lr 0.003)" in md and "grid extension is off" in md
+    for name in ("val_loss_task.png", "angle_task.png", "tradeoff_task.png", "rates_task.png"):
         assert (out / name).is_file()

@@ -51,9 +51,15 @@ class BenchConfig:
     pairs: list[PairSpec] = _f([], "(source checkpoint, task) pairs")
     methods: list[MethodSpec] = _f([], "methods compared; each gets the same lrs grid")
     baseline: str = _f("adamw", "method whose best validation loss sets the target T")
-    lrs: list[float] = _f([], "learning-rate grid, the same for every method")
-    tune_seeds: list[int] = _f([0], "seeds of the learning-rate sweep (phase 1)")
-    seeds: list[int] = _f([0, 1, 2], "seeds of the final runs at each chosen lr (>= 3; phase 2)")
+    lrs: list[float] = _f([], "learning-rate grid, the same for every method (a pair's grid may "
+                          "grow at its edges, see max_grid_extensions)")
+    max_grid_extensions: int = _f(2, "per pair and side: while a method's chosen lr is the grid's "
+                                  "smallest/largest, add one rate beyond it (for every method), "
+                                  "at most this many times; still on the edge after that = FAILED")
+    grid_step: Optional[float] = _f(None, "ratio between a grid edge and the rate added beyond it "
+                                    "(> 1; null: the ratio of the two rates at that edge)")
+    tune_seeds: list[int] = _f([0], "seeds of the learning-rate sweep (tuning)")
+    seeds: list[int] = _f([0, 1, 2], "seeds of the final runs at each chosen lr (>= 3)")
     max_steps: Optional[int] = _f(None, "step budget of every run (null: the base config's)")
     eval_every: Optional[int] = _f(None, "validation interval k (null: the base config's)")
     jobs: int = _f(1, "parallel worker processes; 0 runs in this process (tests, debugging)")
@@ -139,6 +145,12 @@ def validate_bench(cfg: BenchConfig) -> BenchConfig:
     checks = [
         (len(cfg.lrs) >= 1 and all(lr > 0 for lr in cfg.lrs) and len(set(cfg.lrs)) == len(cfg.lrs),
          "lrs", cfg.lrs, "a list of distinct numbers > 0"),
+        (cfg.max_grid_extensions >= 0, "max_grid_extensions", cfg.max_grid_extensions,
+         "an integer >= 0 (0: never extend the grid)"),
+        (cfg.grid_step is None or cfg.grid_step > 1, "grid_step", cfg.grid_step, "null or a number > 1"),
+        (len(cfg.lrs) != 1 or cfg.grid_step is not None or cfg.max_grid_extensions == 0, "grid_step",
+         cfg.grid_step, "a number > 1 with a one-rate grid (there is no neighbouring ratio to use), "
+         "or max_grid_extensions: 0"),
         (len(cfg.tune_seeds) >= 1, "tune_seeds", cfg.tune_seeds, "at least one seed"),
         (len(cfg.seeds) >= 3 and len(set(cfg.seeds)) == len(cfg.seeds), "seeds", cfg.seeds,
          "at least 3 distinct seeds (method.md §3)"),

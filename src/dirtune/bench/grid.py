@@ -1,16 +1,21 @@
-"""run_bench: the grid of runs behind a bench file, then the report.
+"""run_bench: the runs behind a bench file, then the report.
 
-    phase 1  every (pair, method) x lrs x tune_seeds          -> chosen lr per (pair, method)
-             (lowest mean best validation loss over the tune seeds; ties -> smaller lr)
-    phase 2  every (pair, method) at its chosen lr x seeds    -> curves, losses, metric
-             (a tune run with the same lr and seed is reused, not redone)
-    report   target T per pair from the baseline's phase-2 curves, steps to T, speedups
+    per pair (schedule.py; pairs overlap on one worker pool, earlier pairs first)
+      tune    every method x the pair's lr grid x tune_seeds -> chosen lr per method
+              (lowest mean best validation loss over the tune seeds; ties -> smaller lr)
+      extend  a chosen lr on the grid's edge: one more rate beyond it, for every method,
+              re-choose; at most max_grid_extensions per side
+      final   every method at its chosen lr x seeds -> curves, losses, metric
+              (a tune run with the same lr and seed is reused, not redone)
+    report    target T per pair from the baseline's final curves, steps to T and to fractions
+              of the baseline's improvement, speedups, the comparison at every rate
 
 Runs go to <out>/runs/<pair>/<method>/lr<lr>_s<seed>/ and are made by the training entry
 (`dirtune.train.runner:run_training`) in worker processes; the bench only reads their folders.
 A run whose summary.json exists is not redone, and an unfinished one continues from its newest
 checkpoint (resume; this assumes the bench file did not change: after changing it, use a new
-output folder or --fresh). A failed run leaves error.txt and the bench goes on. Each worker holds one device of `devices` (round-robin over workers) for life.
+output folder or --fresh). A failed run leaves error.txt and the bench goes on. Each worker
+holds one device of `devices` (round-robin over workers) for life.
 """
 
 from __future__ import annotations
@@ -18,16 +23,16 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import multiprocessing
 import os
+import re
 import subprocess
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from dirtune.bench import metrics
 from dirtune.bench.config import BenchConfig, run_config
+from dirtune.bench.schedule import PairPlan, Runner, run_plans
 
 DEFAULT_ENTRY = "dirtune.train.runner:run_training"
 
@@ -128,12 +133,17 @@ def run_path(out_dir: str | Path, pair: str, method: str, lr: float, seed: int) 
     return Path(out_dir) / "runs" / pair / method / f"lr{lr:g}_s{seed}"
 
 
+_FORGET_KEY = re.compile(r"forget_(.+)_loss")
+
+
 def read_run(run: str | Path) -> dict:
-    """What the bench uses of a run folder: eval curve, forget and angle curves, summary,
-    metric value, error text. A run without summary.json has summary None (failed)."""
+    """What the bench uses of a run folder: eval curve, forget curves (the legacy set and each
+    named set), angle curve, summary, metric value, error text, and whether it diverged (no
+    finite loss). A run without summary.json has summary None (failed)."""
     run = Path(run)
     evals: dict[int, dict] = {}
     angle: dict[int, float] = {}
+    stopped = False  # the runner logs a non-finite loss or gradient that stopped the run
     log = run / "metrics.jsonl"
     if log.is_file():
         for line in log.read_text(encoding="utf-8").splitlines():
@@ -145,22 +155,35 @@ def read_run(run: str | Path) -> dict:
                 evals[int(r["step"])] = r  # a resumed run may repeat a step: keep the last
             elif r.get("kind") == "train" and "angle/mean" in r:
                 angle[int(r["step"])] = float(r["angle/mean"])
+            elif r.get("kind") == "event" and "non-finite" in str(r.get("event", "")):
+                stopped = stopped or "stopped" in str(r["event"])
 
     def load(name: str) -> Any:
         p = run / name
         return json.loads(p.read_text()) if p.is_file() else None
 
-    metric = load("metric.json")
+    metric, summary = load("metric.json"), load("summary.json")
     err = run / "error.txt"
+    error = err.read_text(encoding="utf-8").strip().splitlines()[-1] if err.is_file() else None
+    steps = sorted(evals)
+    names = list(dict.fromkeys(m.group(1) for s in steps for k in evals[s]
+                               if (m := _FORGET_KEY.fullmatch(k))))
+    best = (summary or {}).get("best_eval_loss")
+    if summary is not None:
+        diverged = not (isinstance(best, (int, float)) and math.isfinite(best))
+    else:
+        diverged = stopped or "NonFiniteError" in (error or "")
     return {
         "dir": str(run),
-        "curve": [(s, _num(evals[s]["eval_loss"])) for s in sorted(evals)],
-        "forget_curve": [(s, _num(evals[s]["forget_loss"])) for s in sorted(evals)
-                         if "forget_loss" in evals[s]],
+        "curve": [(s, _num(evals[s]["eval_loss"])) for s in steps],
+        "forget_curve": [(s, _num(evals[s]["forget_loss"])) for s in steps if "forget_loss" in evals[s]],
+        "forget_curves": {n: [(s, _num(evals[s][f"forget_{n}_loss"])) for s in steps
+                              if f"forget_{n}_loss" in evals[s]] for n in names},
         "angle": sorted(angle.items()),
-        "summary": load("summary.json"),
+        "summary": summary,
         "metric": metric["value"] if metric else None,
-        "error": err.read_text(encoding="utf-8").strip().splitlines()[-1] if err.is_file() else None,
+        "error": error,
+        "diverged": diverged,
     }
 
 
@@ -170,70 +193,27 @@ def _num(x: Any) -> float:
 
 # ---------------------------------------------------------------- the grid
 
-class _Runner:
-    """Executes batches of jobs in-process (jobs=0) or in a spawn pool, with one tqdm bar."""
-
-    def __init__(self, cfg: BenchConfig, total: int):
-        from tqdm.auto import tqdm
-
-        self.cfg = cfg
-        self.bar = tqdm(total=total, desc=f"bench {cfg.name}", unit="run", dynamic_ncols=True)
-        self.pool = None
-        if cfg.jobs > 0:
-            ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-            queue = ctx.Queue()
-            for i in range(cfg.jobs):
-                queue.put(cfg.devices[i % len(cfg.devices)])
-            threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-            self.pool = ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(queue, threads))
-        self.failed: list[dict] = []
-
-    def skip(self, n: int = 1) -> None:
-        self.bar.update(n)
-
-    def run(self, jobs: list[dict]) -> None:
-        if self.pool is None:
-            for job in jobs:
-                self._done(execute(job, self.cfg.devices[0]))
-            return
-        futures = {self.pool.submit(execute, job): job for job in jobs}
-        for fut in as_completed(futures):
-            try:
-                self._done(fut.result())
-            except Exception as e:  # the worker process died (out of memory, segfault)
-                run = Path(futures[fut]["run_dir"])
-                run.mkdir(parents=True, exist_ok=True)
-                (run / "error.txt").write_text(f"worker process failed: {type(e).__name__}: {e}\n")
-                self._done({"run_dir": str(run), "ok": False, "error": f"{type(e).__name__}: {e}"})
-
-    def _done(self, res: dict) -> None:
-        if not res["ok"]:
-            self.failed.append(res)
-            self.bar.write(f"run failed: {res['run_dir']}: {res['error']}")
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.failed:
-            print(f"{len(self.failed)} run(s) failed; each left error.txt in its folder")
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-
 def _finished(run: Path, metric: Optional[dict]) -> bool:
     return (run / "summary.json").is_file() and (not metric or (run / "metric.json").is_file())
 
 
+def _has_runs(out: Path, pair: str, lr: float) -> bool:
+    """Whether any run of `pair` at `lr` ended (finished or failed) in this folder."""
+    return any((d / "summary.json").is_file() or (d / "error.txt").is_file()
+               for d in (out / "runs" / pair).glob(f"*/lr{lr:g}_s*"))
+
+
 def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool = True, *,
               entry: str = DEFAULT_ENTRY, report_only: bool = False) -> dict:
-    """Run the bench (phase 1, phase 2), write out_dir/{bench.yaml, commit.txt, report.md,
-    summary.json, *.png}, and return the results (the input of report.write_report).
+    """Run the bench (schedule.py: per pair tune, extend the grid, final seeds), write
+    out_dir/{bench.yaml, commit.txt, report.md, summary.json, *.png}, and return the results
+    (the input of report.write_report).
 
     `entry` ("module:function") is the training entry the workers call; tests point it at a fake.
     `resume`: keep runs that already finished; False redoes every run once.
     `report_only`: run nothing; report on the runs already in out_dir (a bench cut short by a
-    time limit), keeping its bench.yaml and commit.txt; missing runs count as not finished.
+    time limit), keeping its bench.yaml and commit.txt; missing runs count as not finished, and
+    a grid grows only over rates whose runs are there.
     """
     from dirtune.bench.report import write_report
 
@@ -243,70 +223,80 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool 
     if not report_only or not (out / "commit.txt").exists():
         cfg.dump(out / "bench.yaml")
         (out / "commit.txt").write_text(_commit())
-    pairs = {p.name: p for p in cfg.pairs}
-    redone: set[Path] = set()  # runs made during this call: phase 2 reuses them even if not resume
+    redone: set[str] = set()  # runs made during this call: later stages reuse them even if not resume
 
-    def job(pair, method, lr, seed, metric=None) -> dict:
-        run = run_path(out, pair.name, method.name, lr, seed)
-        return {"run_dir": str(run), "entry": entry, "metric": metric, "pair": pair.name,
-                "method": method.name, "lr": lr, "seed": seed,
-                "resume": resume or run in redone,
-                "config": run_config(cfg, pair, method, lr, seed, run, "auto")}
+    def plan_for(index: int, pair) -> PairPlan:
+        def job(method, lr, seed, final) -> dict:
+            run = run_path(out, pair.name, method.name, lr, seed)
+            return {"run_dir": str(run), "entry": entry, "pair": pair.name, "method": method.name,
+                    "lr": lr, "seed": seed, "resume": resume or str(run) in redone,
+                    "metric": _metric_spec(pair, cfg, method) if final else None,
+                    "config": run_config(cfg, pair, method, lr, seed, run, "auto")}
 
-    def submit(runner: _Runner, jobs: list[dict]) -> None:
-        todo = [j for j in jobs if not (j["resume"] and _finished(Path(j["run_dir"]), j["metric"]))]
-        if report_only:
-            todo = []
-        runner.skip(len(jobs) - len(todo))
-        runner.run(todo)
-        redone.update(Path(j["run_dir"]) for j in todo)
+        return PairPlan(index, pair, cfg, job,
+                        lambda method, lrs: _tune(out, pair.name, method.name, lrs, cfg),
+                        lambda lr: _has_runs(out, pair.name, lr), report_only,
+                        lambda new, dropped: (runner.grow(new), runner.skip(dropped)))
 
-    n_tune = len(cfg.pairs) * len(cfg.methods) * len(cfg.lrs) * len(cfg.tune_seeds)
-    runner = _Runner(cfg, n_tune + len(cfg.pairs) * len(cfg.methods) * len(cfg.seeds))
+    def should_run(job: dict) -> bool:
+        return not report_only and not (job["resume"] and _finished(Path(job["run_dir"]), job["metric"]))
+
+    per_pair = len(cfg.methods) * (len(cfg.lrs) * len(cfg.tune_seeds) + len(cfg.seeds))
+    runner = Runner(cfg, len(cfg.pairs) * per_pair, execute)
+    plans = [plan_for(i, p) for i, p in enumerate(cfg.pairs)]
     try:
-        submit(runner, [job(p, m, lr, s) for p in cfg.pairs for m in cfg.methods
-                        for lr in cfg.lrs for s in cfg.tune_seeds])
-        tuning = {(p.name, m.name): _tune(out, p.name, m.name, cfg) for p in cfg.pairs for m in cfg.methods}
-        final = []
-        for p in cfg.pairs:
-            for m in cfg.methods:
-                lr = tuning[p.name, m.name]["chosen_lr"]
-                if lr is None:
-                    runner.skip(len(cfg.seeds))  # tuning failed: nothing to run
-                    continue
-                final += [job(p, m, lr, s, _metric_spec(p, cfg, m)) for s in cfg.seeds]
-        submit(runner, final)
+        run_plans(plans, runner, should_run, lambda job: redone.add(job["run_dir"]))
     finally:
         runner.close()
 
     results = {"bench": _bench_info(cfg), "pairs": {}}
-    for name, p in pairs.items():
-        methods = {}
-        for m in cfg.methods:
-            t = tuning[name, m.name]
-            lr = t["chosen_lr"]
-            runs = {s: read_run(run_path(out, name, m.name, lr, s)) for s in cfg.seeds} if lr else {}
-            methods[m.name] = {**t, "runs": runs}
-        results["pairs"][name] = {"metric": p.metric, "methods": methods,
-                                  "analysis": metrics.analyse_pair(methods, cfg.baseline)}
+    if report_only:
+        results["bench"]["report_commit"] = _commit_line(_commit())
+    for plan in plans:
+        results["pairs"][plan.pair.name] = _pair_results(out, plan, cfg)
     write_report(out, results)
     return results
 
 
-def _tune(out: Path, pair: str, method: str, cfg: BenchConfig) -> dict:
-    """Phase-1 scores per lr (mean best validation loss over the tune seeds; None if any tune
+def _pair_results(out: Path, plan: PairPlan, cfg: BenchConfig) -> dict:
+    """One pair's entry of the results: runs read back, the grid, the comparison at every rate,
+    the count of runs that never started, and the analysis."""
+    name = plan.pair.name
+    methods, at_rates = {}, {}
+    for m in cfg.methods:
+        t = plan.tuning.get(m.name) or {"tuning": [], "chosen_lr": None}
+        lr = t["chosen_lr"]
+        runs = {s: read_run(run_path(out, name, m.name, lr, s)) for s in cfg.seeds} if lr else {}
+        methods[m.name] = {**t, "runs": runs, "edge": plan.edge(m.name)}
+    for lr in plan.grid:
+        at_rates[lr] = metrics.compare_at_rate(
+            {m.name: {s: read_run(run_path(out, name, m.name, lr, s)) for s in cfg.tune_seeds}
+             for m in cfg.methods}, cfg.baseline)
+    expected = {run_path(out, name, m.name, lr, s) for m in cfg.methods for lr in plan.grid
+                for s in cfg.tune_seeds}
+    expected |= {run_path(out, name, m, methods[m]["chosen_lr"], s) for m in methods
+                 if methods[m]["chosen_lr"] is not None for s in cfg.seeds}
+    missing = sum(not ((d / "summary.json").is_file() or (d / "error.txt").is_file()) for d in expected)
+    return {"metric": plan.pair.metric, "methods": methods, "at_rates": at_rates,
+            "grid": {**plan.info(), "missing_runs": missing},
+            "analysis": metrics.analyse_pair(methods, cfg.baseline)}
+
+
+def _tune(out: Path, pair: str, method: str, lrs: list[float], cfg: BenchConfig) -> dict:
+    """Tuning scores per lr (mean best validation loss over the tune seeds; None if any tune
     run failed or diverged) and the chosen lr (None if no lr has a score)."""
     rows = []
-    for lr in cfg.lrs:
-        bests, errors = {}, {}
+    for lr in sorted(lrs):
+        bests, errors, diverged = {}, {}, False
         for s in cfg.tune_seeds:
             run = read_run(run_path(out, pair, method, lr, s))
             b = run["summary"].get("best_eval_loss") if run["summary"] else None
-            bests[s] = b if b is not None and math.isfinite(b) else None
+            bests[s] = b if isinstance(b, (int, float)) and math.isfinite(b) else None
+            diverged = diverged or run["diverged"]
             if run["summary"] is None:
                 errors[s] = run["error"] or "no summary.json"
         ok = all(b is not None for b in bests.values())
-        rows.append({"lr": lr, "best_loss": bests, "errors": errors,
+        rows.append({"lr": lr, "best_loss": bests, "errors": errors, "diverged": diverged,
                      "score": sum(bests.values()) / len(bests) if ok else None})
     try:
         chosen = metrics.choose_lr({r["lr"]: r["score"] for r in rows})
@@ -326,20 +316,30 @@ def _metric_spec(pair, cfg: BenchConfig, method) -> Optional[dict]:
 def _bench_info(cfg: BenchConfig) -> dict:
     probe = run_config(cfg, cfg.pairs[0], cfg.methods[0], cfg.lrs[0], cfg.seeds[0], "x", "auto")
     return {"name": cfg.name, "baseline": cfg.baseline, "lrs": list(cfg.lrs),
+            "max_grid_extensions": cfg.max_grid_extensions, "grid_step": cfg.grid_step,
             "tune_seeds": list(cfg.tune_seeds), "seeds": list(cfg.seeds),
             "max_steps": probe.train.max_steps, "eval_every": probe.train.eval_every,
             "methods": {m.name: list(m.overrides) for m in cfg.methods},
             "pairs": {p.name: list(p.overrides) for p in cfg.pairs}}
 
 
+def _commit_line(text: str) -> str:
+    """commit.txt's text as one line: '<sha>' or '<sha> (with uncommitted changes)'."""
+    info = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    dirty = " (with uncommitted changes)" if info.get("dirty") == "true" else ""
+    return info.get("commit", "unknown") + dirty
+
+
 def _commit() -> str:
-    """git commit of the dirtune source tree and whether it had uncommitted changes."""
-    src = Path(__file__).resolve().parent
+    """git commit of the dirtune source tree and whether the package (src/dirtune) had
+    uncommitted changes; results folders and bench files are not code (bench.yaml records the
+    bench as run), and a report-only pass over several folders edits tracked results."""
+    src = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=src, capture_output=True, text=True, check=True).stdout.strip() != ""
     except (OSError, subprocess.CalledProcessError):
         return "commit: unknown (not a git checkout)\n"
     return f"commit: {head}\ndirty: {str(dirty).lower()}\n"

@@ -13,7 +13,13 @@ Definitions (the report and summary.json use exactly these):
 - speedup = baseline median steps / method median steps; its range comes from the per-seed
   ratios (baseline seed s against method seed s).
 - forgetting = forget_loss(end) − forget_loss(start): positive means the pretraining-domain
-  loss rose.
+  loss rose; per forget set, and also at the best checkpoint (forget loss at best_step − start).
+- speed along the curve: with L0 the baseline's step-0 validation loss (median over its seeds)
+  and L* = T, the target at fraction f of the baseline's improvement is
+  T_f = L0 − f (L0 − L*), computed as L* + (1 − f)(L0 − L*) so that T_1 is T exactly.
+- learning-rate grid edge: a method's chosen rate sits on an edge when no rate beyond it (in
+  that direction) has a result for the method: a finite score, or a divergence (a rate with no
+  finite loss bounds the grid). A rate that failed for another reason, or was not run, does not.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ Curve = Sequence[tuple[int, float]]
 
 
 def _finite(x: Optional[float]) -> bool:
-    return x is not None and not math.isnan(x) and not math.isinf(x)
+    """A real, finite number (run files spell NaN/Inf as strings: "nan", "inf")."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def steps_to_target(curve: Curve, target: float) -> Optional[int]:
@@ -118,9 +125,14 @@ def speedup_summary(baseline: Mapping[object, Optional[int]],
 
 def forgetting(start: Optional[float], end: Optional[float]) -> Optional[float]:
     """Change of the loss on pretraining-domain text: end − start (None if either is missing)."""
-    if start is None or end is None:
+    return _difference(end, start)
+
+
+def _difference(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """a − b; None if either is missing or not finite."""
+    if not (_finite(a) and _finite(b)):
         return None
-    return float(end) - float(start)
+    return float(a) - float(b)
 
 
 def choose_lr(results: Mapping[float, Optional[float]]) -> float:
@@ -140,6 +152,26 @@ def median_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
     return statistics.median(vals) if vals else None
 
 
+FRACTIONS = (0.5, 0.75, 0.9, 0.95, 1.0)
+
+
+def start_loss(curve: Curve) -> Optional[float]:
+    """The validation loss at step 0 (before any update); None if step 0 was not evaluated."""
+    at = [loss for step, loss in curve if step == 0 and _finite(loss)]
+    return float(at[-1]) if at else None
+
+
+def fraction_targets(l0: float, l_star: float,
+                     fractions: Sequence[float] = FRACTIONS) -> dict[float, float]:
+    """{f: T_f}, T_f = L0 − f (L0 − L*): the loss after fraction f of the baseline's improvement.
+
+    Written L* + (1 − f)(L0 − L*) so that T_1 == L* bit for bit (the baseline's own best seeds
+    must reach it). With L0 == L* (no improvement) every target is L0.
+    """
+    if not (_finite(l0) and _finite(l_star)):
+        raise ValueError(f"fraction targets need finite L0 and L*, got {l0!r}, {l_star!r}")
+    return {f: l_star + (1.0 - f) * (l0 - l_star) for f in fractions}
+
 
 def _run_steps(runs: Mapping, target: Optional[float]) -> dict:
     """{seed: steps to target}; failed runs (no summary) and an undefined target give None."""
@@ -148,53 +180,195 @@ def _run_steps(runs: Mapping, target: Optional[float]) -> dict:
             for s, r in runs.items()}
 
 
-def analyse_pair(methods: Mapping[str, Mapping], baseline: str) -> dict:
-    """All derived numbers of one (checkpoint, task) pair, from its phase-2 runs.
+def _reach(runs: Mapping, base_steps: Optional[Mapping], target: Optional[float]) -> dict:
+    """Steps to `target` per seed, their summary, and the speedup against `base_steps`."""
+    steps = _run_steps(runs, target)
+    return {"steps_to_target": steps, "steps": summarise(list(steps.values())),
+            "speedup": speedup_summary(base_steps, steps)
+            if target is not None and base_steps is not None else None}
+
+
+def baseline_target(base_runs: Mapping, baseline: str) -> tuple[Optional[float], str]:
+    """(T, the rule in words) from the baseline's runs {seed: run}; T None when undefined."""
+    ok = [r["curve"] for r in base_runs.values() if r.get("summary") is not None]
+    try:
+        target = target_from_baseline(ok)
+    except ValueError:
+        return None, f"undefined: no {baseline} run finished with a finite loss"
+    even = " (upper middle value: even number of seeds)" if len(ok) % 2 == 0 else ""
+    return target, (f"median over {len(ok)} {baseline} seeds of each seed's best validation "
+                    f"loss{even}")
+
+
+def _at(curve: Optional[Curve], step: Optional[int]) -> Optional[float]:
+    vals = [v for s, v in curve or [] if s == step and _finite(v)]
+    return float(vals[-1]) if vals else None
+
+
+def forget_sets(run: Mapping) -> dict[str, dict]:
+    """{set name: {"start", "end", "at_best"}} of one run (values None where missing).
+
+    summary.json `forget` (named sets) when present; else the legacy single set, named
+    `source`, from forget_loss_start/end. A missing at_best is read off the set's forget curve
+    (metrics.jsonl) at best_step.
+    """
+    summary = run.get("summary") or {}
+    best = summary.get("best_step")
+    if isinstance(summary.get("forget"), Mapping):
+        out = {}
+        for name, v in summary["forget"].items():
+            v = v if isinstance(v, Mapping) else {}
+            at_best = v.get("at_best")
+            if at_best is None:
+                at_best = _at((run.get("forget_curves") or {}).get(name), best)
+            out[name] = {"start": v.get("start"), "end": v.get("end"), "at_best": at_best}
+        return out
+    if summary.get("forget_loss_start") is None and summary.get("forget_loss_end") is None:
+        return {}
+    return {"source": {"start": summary.get("forget_loss_start"),
+                       "end": summary.get("forget_loss_end"),
+                       "at_best": _at(run.get("forget_curve"), best)}}
+
+
+def _forgetting_by_set(runs: Mapping) -> dict:
+    """Per forget set: end − start and at_best − start per seed, and their medians."""
+    per_run = {s: forget_sets(r) for s, r in runs.items()}
+    names = list(dict.fromkeys(n for sets in per_run.values() for n in sets))
+    out = {}
+    for name in names:
+        end = {s: forgetting((sets.get(name) or {}).get("start"), (sets.get(name) or {}).get("end"))
+               for s, sets in per_run.items()}
+        best = {s: forgetting((sets.get(name) or {}).get("start"),
+                              (sets.get(name) or {}).get("at_best"))
+                for s, sets in per_run.items()}
+        out[name] = {"end": end, "end_median": median_or_none(end.values()),
+                     "at_best": best, "at_best_median": median_or_none(best.values())}
+    return out
+
+
+def analyse_pair(methods: Mapping[str, Mapping], baseline: str,
+                 fractions: Sequence[float] = FRACTIONS) -> dict:
+    """All derived numbers of one (checkpoint, task) pair, from its final-seed runs.
 
     `methods` maps a method name to {"chosen_lr": float|None, "runs": {seed: run}}, where a run
     is {"curve": [(step, val_loss)...], "summary": summary.json dict or None (failed),
-    "metric": float or None}. Returns {"target", "target_rule", "baseline_reached",
-    "methods": {name: numbers}}; target is None when no baseline run has a finite loss (then
-    there are no steps or speedups either).
+    "metric": float or None, "forget_curve": [(step, loss)...] (optional)}. Returns {"target",
+    "target_rule", "baseline_reached", "start_loss", "fraction_targets", "methods": {name:
+    numbers}}; target is None when no baseline run has a finite loss (then there are no steps
+    or speedups either), start_loss/fraction_targets None without a step-0 evaluation.
     """
     base_runs = methods[baseline]["runs"] if baseline in methods else {}
-    ok_curves = [r["curve"] for r in base_runs.values() if r.get("summary") is not None]
-    try:
-        target: Optional[float] = target_from_baseline(ok_curves)
-        even = " (upper middle value: even number of seeds)" if len(ok_curves) % 2 == 0 else ""
-        rule = (f"median over {len(ok_curves)} {baseline} seeds of each seed's best "
-                f"validation loss{even}")
-    except ValueError:
-        target, rule = None, f"undefined: no {baseline} run finished with a finite loss"
+    target, rule = baseline_target(base_runs, baseline)
     base_steps = _run_steps(base_runs, target)
+    l0 = median_or_none(start_loss(r["curve"]) for r in base_runs.values()
+                        if r.get("summary") is not None)
+    targets = fraction_targets(l0, target, fractions) if None not in (l0, target) else None
+    base_frac = ({f: _run_steps(base_runs, t) for f, t in targets.items()} if targets else {})
     out: dict = {"target": target, "target_rule": rule,
                  "baseline_reached": sum(s is not None for s in base_steps.values()),
-                 "methods": {}}
+                 "start_loss": l0, "fraction_targets": targets, "methods": {}}
     for name, m in methods.items():
         runs = m["runs"]
 
         def per_seed(key: str, runs=runs) -> dict:
             return {s: (r.get("summary") or {}).get(key) for s, r in runs.items()}
 
-        steps = _run_steps(runs, target)
         start, end = per_seed("forget_loss_start"), per_seed("forget_loss_end")
         forget = {s: forgetting(start[s], end[s]) for s in runs}
-        finals, tests = per_seed("final_eval_loss"), per_seed("test_loss")
+        finals, tests, bests = per_seed("final_eval_loss"), per_seed("test_loss"), per_seed("best_eval_loss")
+        gap = {s: _difference(finals[s], bests[s]) for s in runs}  # > 0: the curve rose again
         metric = {s: r.get("metric") for s, r in runs.items()}
+        reach = _reach(runs, base_steps, target)
         out["methods"][name] = {
             "chosen_lr": m.get("chosen_lr"),
             "failed": sorted(s for s, r in runs.items() if r.get("summary") is None),
-            "steps_to_target": steps,
-            "steps": summarise(list(steps.values())),
-            "speedup": speedup_summary(base_steps, steps) if target is not None else None,
+            **reach,
+            "fractions": ({f: {"target": t, **_reach(runs, base_frac[f], t)}
+                           for f, t in targets.items()} if targets else None),
             "final_loss": finals,
             "final_loss_median": median_or_none(finals.values()),
-            "best_loss": per_seed("best_eval_loss"),
+            "best_loss": bests,
+            "best_loss_median": median_or_none(bests.values()),
+            "overtrain_gap": gap,
+            "overtrain_gap_median": median_or_none(gap.values()),
             "test_loss": tests,
             "test_loss_median": median_or_none(tests.values()),
+            "epochs": per_seed("epochs"),
+            "epochs_median": median_or_none(per_seed("epochs").values()),
             "metric": metric,
             "metric_median": median_or_none(metric.values()),
             "forgetting": forget,
             "forgetting_median": median_or_none(forget.values()),
+            "forget_sets": _forgetting_by_set(runs),
         }
     return out
+
+
+def compare_at_rate(methods: Mapping[str, Mapping], baseline: str) -> dict:
+    """Every method against the baseline *at one learning rate*, from runs {method: {seed: run}}
+    (the tune seeds). The target is the baseline's best loss at this rate (same rule as T).
+
+    Returns {"target", "methods": {name: {"best_loss" (mean over seeds; None if a seed has no
+    finite loss), "diverged", "steps_to_target", "steps", "speedup"}}}.
+    """
+    base_runs = methods.get(baseline) or {}
+    target, _ = baseline_target(base_runs, baseline)
+    base_steps = _run_steps(base_runs, target)
+    out: dict = {"target": target, "methods": {}}
+    for name, runs in methods.items():
+        # the summary's best loss, as the tuning score reads it, so the two tables agree
+        bests = [(r.get("summary") or {}).get("best_eval_loss") for r in runs.values()]
+        ok = bool(bests) and all(_finite(b) for b in bests)
+        out["methods"][name] = {"best_loss": sum(bests) / len(bests) if ok else None,
+                                "diverged": any(r.get("diverged") for r in runs.values()),
+                                **_reach(runs, base_steps, target)}
+    return out
+
+
+# ---------------------------------------------------------------- the learning-rate grid
+
+def grid_edges(scores: Mapping[float, Optional[float]], diverged: Mapping[float, bool],
+               chosen: Optional[float]) -> dict[str, bool]:
+    """{"up": .., "down": ..}: whether `chosen` sits on that edge of the rates with a result.
+
+    A rate has a result when its score is finite or it diverged (no finite loss: it bounds the
+    grid); failed or missing rates are ignored. No chosen rate: on no edge.
+    """
+    if chosen is None:
+        return {"up": False, "down": False}
+    known = [lr for lr, sc in scores.items() if _finite(sc) or diverged.get(lr)]
+    return {"up": not any(lr > chosen for lr in known), "down": not any(lr < chosen for lr in known)}
+
+
+def _round3(x: float) -> float:
+    # 3 significant digits: stable folder names (lr{lr:g}) and exact float identity on re-reading
+    return float(f"{x:.3g}")
+
+
+def next_rate(grid: Sequence[float], side: str, step: Optional[float] = None) -> float:
+    """The rate one step beyond the grid on `side` ("up"/"down"), 3 significant digits.
+
+    step: the ratio to use; None: the ratio of the two rates at that edge (needs >= 2 rates).
+    """
+    g = sorted(grid)
+    if step is None:
+        if len(g) < 2:
+            raise ValueError("a one-rate grid has no neighbouring ratio; set the bench's grid_step")
+        step = g[-1] / g[-2] if side == "up" else g[1] / g[0]
+    if not step > 1:
+        raise ValueError(f"grid step must be > 1, got {step!r}")
+    new = _round3(g[-1] * step if side == "up" else g[0] / step)
+    if new in g:
+        raise ValueError(f"the rate beyond {side} edge rounds to {new:g}, already in the grid")
+    return new
+
+
+def sides_to_extend(chosen: Mapping[str, Optional[float]], grid: Sequence[float],
+                    extensions: Mapping[str, int], limit: int) -> list[str]:
+    """Grid sides to extend: "up" when some method chose the grid's largest rate, "down" for the
+    smallest, each while that side has had fewer than `limit` extensions."""
+    sides = []
+    for side, edge in (("down", min(grid)), ("up", max(grid))):
+        if extensions.get(side, 0) < limit and any(lr == edge for lr in chosen.values()):
+            sides.append(side)
+    return sides

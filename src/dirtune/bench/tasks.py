@@ -94,7 +94,9 @@ def training_prompt(template: str, tokenizer: Any) -> Callable[[dict], str]:
     """prompt_fn that renders a record's prompt as training rendered it (dirtune.data's
     templates, `template` = the run's data.template), up to where the response starts.
 
-    The leading BOS is left to the tokenizer, which adds it when the prompt is encoded."""
+    llama2/plain: the leading BOS is left to the tokenizer, which adds it when the prompt is
+    encoded. A chat template writes its own special tokens (training encodes its text without
+    adding any), so its prompt_fn carries `add_special_tokens = False` for `generate`."""
     from dirtune.data.records import Alpaca
     from dirtune.data.templates import render, resolve_template
 
@@ -110,14 +112,17 @@ def training_prompt(template: str, tokenizer: Any) -> Callable[[dict], str]:
             if seg.labelled:
                 break
             text += seg.text  # special segments ('bos') carry no text
+        if chosen == "tokenizer":
+            return text
         bos = getattr(tokenizer, "bos_token", None)
         return text[len(bos):] if bos and text.startswith(bos) else text
 
+    prompt_fn.add_special_tokens = chosen != "tokenizer"
     return prompt_fn
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int) -> list[str]:
+             batch_size: int, add_special_tokens: bool = True) -> list[str]:
     """Greedy continuations of `prompts` (new text only), batched with left padding."""
     import torch
 
@@ -130,7 +135,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     model.eval()
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
+            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                            **({} if add_special_tokens else {"add_special_tokens": False}))
             enc = {k: v.to(device) for k, v in enc.items()}
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -151,7 +157,8 @@ def evaluate_generation(model: Any, tokenizer: Any, records: Sequence[dict],
     Returns {"exact_match", "n", "samples": [{"prompt", "generation", "pred", "gold"}]}.
     """
     prompts = [prompt_fn(r) for r in records]
-    gens = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    gens = generate(model, tokenizer, prompts, max_new_tokens, batch_size,
+                    add_special_tokens=getattr(prompt_fn, "add_special_tokens", True))
     preds = [answer_fn(g) for g in gens]
     golds = [answer_fn(gold_text(r)) for r in records]
     samples = [{"prompt": p, "generation": g, "pred": a, "gold": b}
@@ -167,6 +174,15 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     p = Path(path)
     if (p / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
+
+        from dirtune.models.convert_gguf import is_gguf
+
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if is_gguf(base):  # peft cannot read a .gguf base model; dirtune's loader can
+            from dirtune.models.lora import load_for_inference
+
+            model, _ = load_for_inference(p, device=device)
+            return model, AutoTokenizer.from_pretrained(str(p))
 
         model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype="auto")
     else:

@@ -7,6 +7,7 @@ Templates (values are stripped of surrounding whitespace, as Meta's reference co
     plain, alpaca    <s>### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n{output}</s>
                      (the Input block is left out when the input is empty)
     tokenizer        the tokenizer's own chat template (alpaca records become one user turn)
+    auto             tokenizer when the tokenizer has a chat template, else llama2
 
 The response segments (and the EOS that ends each) carry the loss; `tokenize.py` turns the
 segments into ids one by one, so the mask is exact by construction.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from dirtune.data.records import Alpaca, Chat, DataError, Example
 
@@ -45,14 +46,15 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def resolve_template(fmt: str, template: str, tokenizer: Any, source: str | Path = "data") -> Optional[str]:
-    """The template to use for `fmt` data: None for text; 'auto' picks llama2 for alpaca and,
-    for chat, the tokenizer's chat template when it has one, else llama2."""
+    """The template to use for `fmt` data: None for text; 'auto' picks the tokenizer's chat
+    template when it has one (alpaca records too, as one user turn: the model is prompted the
+    way it was instruction-tuned), else llama2."""
     if fmt == "text":
         return None
     if template not in ("auto", *TEMPLATES):
         raise DataError(f"{source}: template {template!r} is not known; accepted: auto, {', '.join(TEMPLATES)}")
     if template == "auto":
-        return "tokenizer" if fmt == "chat" and has_chat_template(tokenizer) else "llama2"
+        return "tokenizer" if has_chat_template(tokenizer) else "llama2"
     if template == "tokenizer" and not has_chat_template(tokenizer):
         raise DataError(f"{source}: template 'tokenizer' needs a tokenizer with a chat template, and this "
                         "one has none; use template llama2 (or plain for alpaca records)")
@@ -79,6 +81,18 @@ def render(example: Example, template: str, tokenizer: Any = None, source: str |
             return chat_llama2(example, source)
         return chat_tokenizer(example, tokenizer, source)
     raise TypeError(f"render() takes alpaca or chat examples, got {type(example).__name__}")
+
+
+def prompt_segments(messages: Sequence[tuple[str, str]], template: str, tokenizer: Any = None,
+                    source: str | Path = "prompt") -> list[Segment]:
+    """The segments of a conversation ending in a user turn, up to where the model's reply
+    starts, as training renders chat records under `template` (llama2 or tokenizer): what
+    generation must be fed for the model to answer as it was trained to."""
+    segments = render(Chat((*messages, ("assistant", "")), 0), template, tokenizer, source)
+    end = len(segments)
+    while end and segments[end - 1].labelled:  # the (empty) reply and the EOS after it
+        end -= 1
+    return segments[:end]
 
 
 def _response(text: str, space: str) -> Segment:

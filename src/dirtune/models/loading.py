@@ -1,7 +1,8 @@
 """Loading and writing transformers checkpoints and tokenizers, from local folders only.
 
 Everything here reads local files (`local_files_only=True`): nothing reaches the hub. A missing
-folder, config, weights file or tokenizer raises `ModelError` naming the path.
+folder, config, weights file or tokenizer raises `ModelError` naming the path. A model path may
+also be a .gguf file (llama.cpp's format), read through transformers (convert_gguf.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from dirtune.models.convert_gguf import is_gguf
 from dirtune.models.errors import ModelError
 
 __all__ = [
@@ -57,6 +59,8 @@ def find_weight_files(path: PathLike) -> list[Path]:
 
 
 def _check_checkpoint_dir(path: Path, *, need_weights: bool) -> None:
+    if path.is_file():
+        raise ModelError(f"{path}: is a file; expected a transformers checkpoint folder or a .gguf file")
     if not path.is_dir():
         raise ModelError(f"{path}: model folder not found")
     if not (path / "config.json").is_file():
@@ -69,6 +73,9 @@ def load_model(cfg_model, *, device: Optional[Union[str, torch.device]] = None,
                from_scratch: bool = False) -> nn.Module:
     """The causal LM in `cfg_model.path` (a LlamaForCausalLM for LLaMA checkpoints).
 
+    `cfg_model.path` is a transformers checkpoint folder or a .gguf file (dequantized to
+    `cfg_model.dtype` in memory at every load; see convert_gguf).
+
     Weights are loaded in `cfg_model.dtype` with `cfg_model.attn_implementation`. With
     `from_scratch=True` only config.json is read and the weights are randomly initialised
     (seed torch before calling); this is how source models are pretrained. `device` moves
@@ -78,8 +85,17 @@ def load_model(cfg_model, *, device: Optional[Union[str, torch.device]] = None,
 
     # absolute, so that adapters saved from this model record a base path usable from anywhere
     path = Path(cfg_model.path).expanduser().resolve()
-    _check_checkpoint_dir(path, need_weights=not from_scratch)
     dtype = to_dtype(cfg_model.dtype)
+    if is_gguf(path):  # read (and dequantized) in memory each time; nothing is written
+        from dirtune.models.convert_gguf import load_gguf_config, load_gguf_model
+
+        if from_scratch:
+            model = AutoModelForCausalLM.from_config(load_gguf_config(path), dtype=dtype,
+                                                     attn_implementation=cfg_model.attn_implementation)
+        else:
+            model = load_gguf_model(path, dtype, cfg_model.attn_implementation)
+        return model.to(device) if device is not None else model
+    _check_checkpoint_dir(path, need_weights=not from_scratch)
     kwargs = dict(dtype=dtype, attn_implementation=cfg_model.attn_implementation)
     try:
         if from_scratch:
@@ -251,7 +267,8 @@ def _tokenizer_from_sentencepiece(model_file: Path):
 def load_tokenizer(path: PathLike):
     """The tokenizer in `path`: a transformers tokenizer folder, or one holding only tokenizer.model.
 
-    `path` may also be a SentencePiece .model file. The result adds BOS, pads on the right,
+    `path` may also be a SentencePiece .model file or a .gguf file (the tokenizer stored in it).
+    The result adds BOS (when the tokenizer does), pads on the right,
     and has a pad token (unk, or eos without unk).
     """
     from transformers import AutoTokenizer
@@ -259,6 +276,10 @@ def load_tokenizer(path: PathLike):
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".model":
         return _finish_tokenizer(_tokenizer_from_sentencepiece(path))
+    if is_gguf(path):
+        from dirtune.models.convert_gguf import load_gguf_tokenizer
+
+        return _finish_tokenizer(load_gguf_tokenizer(path))
     if not path.is_dir():
         raise ModelError(f"{path}: tokenizer folder not found")
     has_hf = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from dirtune.models.convert_gguf import is_gguf
 from dirtune.models.errors import ModelError
 from dirtune.models.loading import load_model, load_tokenizer
 
 __all__ = [
+    "Conversation",
     "apply_lora",
     "generate_text",
     "linear_module_names",
@@ -24,6 +26,7 @@ __all__ = [
     "lora_param_groups",
     "merge_lora",
     "prepare_full_finetune",
+    "prompt_ids",
 ]
 
 PathLike = Union[str, Path]
@@ -121,12 +124,13 @@ def prepare_full_finetune(model: nn.Module, train_embeddings: bool = False) -> n
 
 
 def _resolve_base(adapter_dir: Path, base: str) -> Path:
-    """The base model folder an adapter names: as written, else relative to the adapter folder."""
+    """The base model an adapter names (a folder or a .gguf file): as written, else relative to
+    the adapter folder."""
     cand = Path(base).expanduser()
-    if cand.is_dir() or cand.is_absolute():
+    if cand.exists() or cand.is_absolute():
         return cand
     beside = adapter_dir / cand
-    return beside if beside.is_dir() else cand
+    return beside if beside.exists() else cand
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -136,15 +140,23 @@ def _has_tokenizer(path: Path) -> bool:
 def load_for_inference(path: PathLike, *, base: Optional[PathLike] = None, dtype: str = "fp32",
                        device: Optional[Union[str, torch.device]] = None,
                        attn_implementation: str = "sdpa"):
-    """(model in eval mode, tokenizer) from a full/merged checkpoint folder or a PEFT adapter folder.
+    """(model in eval mode, tokenizer) from a full/merged checkpoint folder, a .gguf file, or a
+    PEFT adapter folder.
 
-    An adapter folder (adapter_config.json) is applied to its base model: `base`, else
-    the config's base_model_name_or_path (as written, else relative to the adapter folder).
-    The tokenizer comes from `path` when it holds one, else from the base model.
+    An adapter folder (adapter_config.json) is applied to its base model (a folder or a .gguf
+    file): `base`, else the config's base_model_name_or_path (as written, else relative to the
+    adapter folder). The tokenizer comes from `path` when it holds one, else from the base model.
     """
     from dirtune.train.config import ModelConfig
 
     path = Path(path).expanduser()
+    if is_gguf(path):
+        cfg = ModelConfig(path=str(path), dtype=dtype, attn_implementation=attn_implementation)
+        model = load_model(cfg, device=device)
+        model.eval()
+        return model, load_tokenizer(path)
+    if path.is_file():
+        raise ModelError(f"{path}: is a file; expected a checkpoint or adapter folder or a .gguf file")
     if not path.is_dir():
         raise ModelError(f"{path}: model or adapter folder not found")
     acfg = path / ADAPTER_CONFIG
@@ -165,7 +177,7 @@ def load_for_inference(path: PathLike, *, base: Optional[PathLike] = None, dtype
             base = _resolve_base(path, base_name)
         else:
             base = Path(base).expanduser()
-        if not base.is_dir():
+        if not (base.is_dir() or is_gguf(base) and base.is_file()):
             raise ModelError(f"{acfg}: base model folder {base} not found; pass the base model folder")
         cfg = ModelConfig(path=str(base), dtype=dtype, attn_implementation=attn_implementation)
         model = PeftModel.from_pretrained(load_model(cfg), str(path))
@@ -176,16 +188,33 @@ def load_for_inference(path: PathLike, *, base: Optional[PathLike] = None, dtype
     return model, tokenizer
 
 
+def prompt_ids(tokenizer, messages: Sequence[tuple[str, str]], template: str = "auto") -> list[int]:
+    """The ids of a conversation ((role, text) pairs ending in a user turn) up to where the
+    model's reply starts, exactly as training renders and tokenizes chat data under `template`
+    ('auto': the tokenizer's chat template if it has one, else LLaMA-2 [INST])."""
+    from dirtune.data.templates import prompt_segments, resolve_template
+    from dirtune.data.tokenize import encode_examples
+
+    chosen = resolve_template("chat", template, tokenizer, "prompt")
+    segments = prompt_segments(messages, chosen, tokenizer)
+    return encode_examples(tokenizer, [segments], split_special=chosen != "tokenizer")[0][0]
+
+
 @torch.no_grad()
-def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
+def generate_text(model: nn.Module, tokenizer, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
                   greedy: bool = True, **generate_kwargs) -> str:
     """The text the model continues `prompt` with (the prompt itself not repeated).
 
-    The prompt is tokenized as the tokenizer does (BOS first for LLaMA); `greedy=False`
-    samples, with any `generate` options (temperature, top_p, ...) passed through.
+    A text prompt is tokenized as the tokenizer does (BOS first for LLaMA); a list of ids
+    (e.g. from `prompt_ids`) is used as it is. `greedy=False` samples, with any `generate`
+    options (temperature, top_p, ...) passed through.
     """
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    if isinstance(prompt, str):
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
+    else:
+        ids = torch.tensor([list(prompt)], device=device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     was_training = model.training
     model.eval()
     try:
@@ -200,3 +229,30 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int 
     full = tokenizer.decode(ids, skip_special_tokens=True)
     head = tokenizer.decode(ids[:n], skip_special_tokens=True)
     return full[len(head):] if full.startswith(head) else tokenizer.decode(ids[n:], skip_special_tokens=True)
+
+
+class Conversation:
+    """A chat with a model: the history of (user, reply) turns, rendered under the chat
+    template (as `prompt_ids`) for every new reply."""
+
+    def __init__(self, model: nn.Module, tokenizer, system: Optional[str] = None,
+                 max_new_tokens: int = 256, template: str = "auto"):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.system, self.max_new_tokens = system, max_new_tokens
+        self.turns: list[tuple[str, str]] = []
+
+    def messages(self, user: str) -> list[tuple[str, str]]:
+        head = [("system", self.system)] if self.system else []
+        return head + [m for u, r in self.turns for m in (("user", u), ("assistant", r))] + [("user", user)]
+
+    def prompt_ids(self, user: str) -> list[int]:
+        return prompt_ids(self.tokenizer, self.messages(user), self.template)
+
+    def reply(self, user: str) -> str:
+        """The model's greedy answer to `user`, after the turns so far; the turn is kept."""
+        text = generate_text(self.model, self.tokenizer, self.prompt_ids(user), self.max_new_tokens).strip()
+        self.turns.append((user, text))
+        return text
+
+    def reset(self) -> None:
+        self.turns.clear()

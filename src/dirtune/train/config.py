@@ -33,8 +33,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass
 class ModelConfig:
-    path: str = _f("", "transformers checkpoint directory (config.json, weights, tokenizer)")
-    tokenizer: Optional[str] = _f(None, "tokenizer directory if not beside the weights")
+    path: str = _f("", "transformers checkpoint directory (config.json, weights, tokenizer), or a .gguf file")
+    tokenizer: Optional[str] = _f(None, "tokenizer directory (or .gguf file) if not beside the weights")
     dtype: Literal["fp32", "bf16", "fp16"] = _f("fp32", "dtype the weights are loaded and trained in")
     gradient_checkpointing: bool = _f(False, "recompute activations: less memory, ~30% more time")
     attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel")
@@ -63,7 +63,7 @@ class DataConfig:
     forget_file: Optional[str] = _f(None, "text from the source domain: its loss measures forgetting")
     format: Literal["auto", "alpaca", "chat", "text"] = _f("auto", "record format")
     template: Literal["auto", "llama2", "tokenizer", "plain"] = _f(
-        "auto", "prompt rendering: llama2 [INST], the tokenizer's chat template, or plain")
+        "auto", "prompt rendering: llama2 [INST], the tokenizer's chat template, or plain; auto: the tokenizer's if it has one")
     max_length: int = _f(512, "tokens per example (and per packed block)")
     overlong: Literal["truncate", "reject"] = _f("truncate", "what to do with longer examples")
     packing: bool = _f(False, "pack examples into max_length blocks (text is always blocked)")

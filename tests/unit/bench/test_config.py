@@ -68,6 +68,9 @@ def test_run_config_layers_overrides_and_owned_keys(tmp_path):
     (_bench(methods=[{"name": "x", "overrides": ["optimizer.name=sgd"]}], baseline="x"),
      r"optimizer\.name: 'sgd' is not valid"),
     (_bench(jobs=-1), r"jobs: -1 is not valid"),
+    (_bench(max_grid_extensions=-1), r"max_grid_extensions: -1 is not valid; expected an integer >= 0"),
+    (_bench(grid_step=1.0), r"grid_step: 1\.0 is not valid; expected null or a number > 1"),
+    (_bench(lrs=[1e-3]), r"grid_step: None is not valid; expected a number > 1 with a one-rate grid"),
     (_bench(base="missing.yaml"), r"missing\.yaml: train config file not found"),
 ])
 def test_errors_name_file_key_and_accepted(tmp_path, bench, message):
@@ -84,6 +87,15 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+ is not valid YAML"):
         load_bench_config(bad)
+
+
+def test_grid_extension_keys(tmp_path):
+    cfg = load_bench_config(_write(tmp_path, _bench()))
+    assert cfg.max_grid_extensions == 2 and cfg.grid_step is None  # on by default
+    one = load_bench_config(_write(tmp_path, _bench(lrs=[1e-3])), ["max_grid_extensions=0"])
+    assert one.lrs == [1e-3]
+    stepped = load_bench_config(_write(tmp_path, _bench(lrs=[1e-3], grid_step=3)))
+    assert stepped.grid_step == 3
 
 
 def test_metric_file_satisfies_metric(tmp_path):

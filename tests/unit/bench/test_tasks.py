@@ -93,3 +93,31 @@ def test_training_prompt_renders_as_training_does_up_to_the_response():
     assert training_prompt("auto", tok)(gsm) == "[INST] How many? [/INST]"
     plain = training_prompt("plain", tok)({"instruction": "Do", "input": "x", "output": "o"})
     assert plain == "### Instruction:\nDo\n\n### Input:\nx\n\n### Response:\n"
+
+
+@pytest.mark.parametrize("chat_template", [None, "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n"
+                                                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"])
+def test_training_prompt_gives_the_ids_training_gave(chat_template):
+    """What generation is fed (prompt_fn's text, encoded as generate() encodes it) is exactly
+    the unlabelled start of the training example, with and without a chat template."""
+    synthetic = pytest.importorskip("dirtune.data.synthetic")
+    from dirtune.data.records import Alpaca
+    from dirtune.data.templates import render, resolve_template
+    from dirtune.data.tokenize import IGNORE_INDEX, encode_examples
+
+    tok = synthetic.char_tokenizer()
+    tok.chat_template = chat_template
+    record = {"question": "How many apples?", "answer": "#### 3"}
+    template = resolve_template("alpaca", "auto", tok)
+    assert template == ("tokenizer" if chat_template else "llama2")
+    segments = render(Alpaca(record["question"], "", record["answer"], 1), template, tok)
+    ids, labels = encode_examples(tok, [segments], split_special=template != "tokenizer")[0]
+    n_prompt = labels.index(next(x for x in labels if x != IGNORE_INDEX))
+    prompt_fn = training_prompt("auto", tok)
+    text = prompt_fn(record)
+    fed = tok(text, add_special_tokens=getattr(prompt_fn, "add_special_tokens", True)).input_ids
+    assert fed == ids[:n_prompt]
+    if chat_template:  # the chat template's own markers, no BOS the template did not write
+        assert text == "<|user|>\nHow many apples?</s>\n<|assistant|>\n" and fed[0] != tok.bos_token_id
+    else:
+        assert text == "[INST] How many apples? [/INST]" and fed[0] == tok.bos_token_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dirtune.data.records import Alpaca, Chat, DataError, Text
-from dirtune.data.templates import Segment, render, resolve_template
+from dirtune.data.templates import Segment, prompt_segments, render, resolve_template
 
 
 def as_string(segments: list[Segment]) -> str:
@@ -95,7 +95,8 @@ def test_chat_template_errors_become_data_errors(make_tok):
 
 
 @pytest.mark.parametrize("fmt, template, has_template, expected", [
-    ("alpaca", "auto", True, "llama2"),
+    ("alpaca", "auto", True, "tokenizer"),  # alpaca too: the model is prompted as it was tuned
+    ("alpaca", "auto", False, "llama2"),
     ("chat", "auto", True, "tokenizer"),
     ("chat", "auto", False, "llama2"),
     ("alpaca", "plain", False, "plain"),
@@ -118,3 +119,13 @@ def test_resolve_template_errors(word_tok):
 def test_render_refuses_text_examples():
     with pytest.raises(TypeError, match="alpaca or chat"):
         render(Text("x", 1), "llama2")
+
+
+def test_prompt_segments_stop_where_the_reply_starts(chat_tok):
+    history = [("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")]
+    segs = prompt_segments(history, "llama2")
+    assert as_string(segs) == "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1</s><s>[INST] U2 [/INST]"
+    segs = prompt_segments(history, "tokenizer", chat_tok)
+    want = chat_tok.apply_chat_template([{"role": r, "content": c} for r, c in history], tokenize=False,
+                                        add_generation_prompt=True)
+    assert as_string(segs) == want == "<|system|> S </s> <|user|> U1 </s> <|assistant|> A1 </s> <|user|> U2 </s> <|assistant|>"

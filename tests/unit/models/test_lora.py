@@ -155,3 +155,68 @@ def test_generate_text_returns_only_the_continuation(base_dir):
     ids = model.generate(**tok("the cat", return_tensors="pt"), max_new_tokens=6, do_sample=False,
                          pad_token_id=tok.pad_token_id)[0]
     assert tok.decode(ids, skip_special_tokens=True) == "the cat" + a
+
+
+CHATML = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+@pytest.fixture
+def record_generate(monkeypatch):
+    """Every input_ids tensor LlamaForCausalLM.generate is called with, as lists."""
+    seen = []
+    original = LlamaForCausalLM.generate
+
+    def generate(self, *args, **kw):
+        seen.append(kw["input_ids"][0].tolist())
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", generate)
+    return seen
+
+
+@pytest.mark.parametrize("with_template", [False, True])
+def test_generate_cli_templates_the_prompt_unless_raw(tiny_checkpoint, tmp_path, record_generate,
+                                                      capsys, with_template):
+    from transformers import AutoTokenizer
+
+    from dirtune.cli import main
+
+    ckpt = tiny_checkpoint
+    if with_template:  # the same model, its tokenizer given a chat template
+        ckpt = tmp_path / "with-template"
+        ckpt.mkdir()
+        for f in tiny_checkpoint.iterdir():
+            (ckpt / f.name).write_bytes(f.read_bytes())
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        tok.chat_template = CHATML
+        tok.save_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert main(["generate", str(ckpt), "Who is Ann?", "--max-new-tokens", "3", "--raw"]) == 0
+    assert main(["generate", str(ckpt), "Who is Ann?", "--max-new-tokens", "3"]) == 0
+    raw, templated = record_generate
+    assert raw == tok("Who is Ann?").input_ids  # as given, with the tokenizer's BOS
+    if with_template:
+        assert templated == tok("<|user|>Who is Ann?</s><|assistant|>", add_special_tokens=False).input_ids
+    else:
+        assert templated == tok("[INST] Who is Ann? [/INST]").input_ids
+        assert templated[0] == tok.bos_token_id
+    assert templated != raw
+    assert len(capsys.readouterr().out.splitlines()) >= 2
+
+
+def test_conversation_keeps_and_resets_history(tiny_checkpoint, record_generate):
+    from dirtune.models.lora import Conversation
+
+    model, tok = load_for_inference(tiny_checkpoint)
+    tok.chat_template = CHATML
+    chat = Conversation(model, tok, system="Be brief.", max_new_tokens=4)
+    first = chat.reply("Hi")
+    chat.reply("And you?")
+    assert chat.turns == [("Hi", first), ("And you?", chat.turns[1][1])]
+    second_prompt = tok.decode(record_generate[1])
+    want = f"<|system|>Be brief.</s><|user|>Hi</s><|assistant|>{first}</s><|user|>And you?</s><|assistant|>"
+    assert second_prompt == want
+    chat.reset()
+    chat.reply("Again")
+    assert tok.decode(record_generate[2]) == "<|system|>Be brief.</s><|user|>Again</s><|assistant|>"
