@@ -61,6 +61,7 @@ BLOCK = 1024        # elements per loop iteration (8 per thread with 4 warps: 16
 NUM_WARPS = 4
 ROW_TILE = 2048     # elements per iteration of the row-turn kernel (ROWS × COLS)
 UPLOAD_BATCH = 1 << 28  # elements of CPU-held anchors uploaded at a time (512 MiB in bf16)
+FOLD_TURN = True    # the row turn inside the step of each turned weight (_step_turn_kernel)
 
 _CHUNK_CACHE: OrderedDict = OrderedDict()
 
@@ -263,12 +264,28 @@ def _group_step(ps, gs, ms, vs, steps, anchors, references, scales, *, lr, beta1
         coef[:n, 0] = k_dev.to(acc)
         coef[:n, 1] = (1 - k_dev).to(acc)
 
-    if n_chunks:
-        K._step_kernel[(n_chunks,)](
-            chunk_t, chunk_s, meta[5], meta[0], meta[1], meta[2], meta[3], meta[4], coef, coef[n],
-            G_TY=_tl(gs[0].dtype), M_TY=_tl(ms[0].dtype), V_TY=_tl(vs[0].dtype), A_TY=a_ty,
-            F64=acc == torch.float64, DECAY=decay, HAS_ANCHOR=has_anchor,
-            num_warps=NUM_WARPS, **tys)
+    step_kw = dict(G_TY=_tl(gs[0].dtype), M_TY=_tl(ms[0].dtype), V_TY=_tl(vs[0].dtype), A_TY=a_ty,
+                   F64=acc == torch.float64, DECAY=decay, HAS_ANCHOR=has_anchor, num_warps=NUM_WARPS)
+    # the row turn folded into the step of the 2-D weights it turns (one pass instead of two)
+    folded = ([i for i, p in enumerate(ps) if p.ndim == 2 and p.numel() > 0 and references[i] is not None]
+              if FOLD_TURN and direction_weight != 0 and granularity == "row" else [])
+    if not folded:
+        if n_chunks:
+            K._step_kernel[(n_chunks,)](chunk_t, chunk_s, meta[5], meta[0], meta[1], meta[2], meta[3],
+                                        meta[4], coef, coef[n], **step_kw, **tys)
+    else:
+        rest = [i for i in range(n) if i not in set(folded)]
+        if rest:
+            ct, cs, _ = _chunks([ps[i].numel() for i in rest], device)
+            sub = _table([[ts[i].data_ptr() for i in rest] for ts in (ps, gs, ms, vs, a_list)]
+                         + [[ps[i].numel() for i in rest]], device)
+            if len(ct):
+                K._step_kernel[(len(ct),)](ct, cs, sub[5], sub[0], sub[1], sub[2], sub[3], sub[4],
+                                           coef[_to_device(torch.tensor(rest), device)].contiguous(),
+                                           coef[n], **step_kw, **tys)
+        refs = {i: here(references[i]) for i in folded}
+        _step_turn(folded, ps, gs, ms, vs, a_list, refs, coef, n, acc, step_kw, aligned)
+        return
 
     if direction_weight != 0:
         two_d = [i for i, p in enumerate(ps) if p.ndim == 2 and p.numel() > 0]
@@ -277,6 +294,24 @@ def _group_step(ps, gs, ms, vs, steps, anchors, references, scales, *, lr, beta1
             _row_turn(ps, refs, coef[n + 1], acc)
         else:
             _tensor_turn(ps, refs, kappa, acc)
+
+
+def _step_turn(idx, ps, gs, ms, vs, a_list, refs, coef, n, acc, step_kw, aligned) -> None:
+    """Step and row turn of the 2-D weights idx, one launch per (shape, reference dtype)."""
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for i in idx:
+        by_shape[(tuple(ps[i].shape), refs[i].dtype)].append(i)
+    device = ps[0].device
+    for (shape, r_dtype), sel in by_shape.items():
+        rows, cols = shape
+        tables = _table([[ts[i].data_ptr() for i in sel] for ts in (ps, gs, ms, vs, a_list)]
+                        + [[refs[i].data_ptr() for i in sel], sel], device)
+        block_cols = min(BLOCK, triton.next_power_of_2(cols))
+        block_rows = min(max(1, ROW_TILE // block_cols), triton.next_power_of_2(rows))
+        K._step_turn_kernel[(triton.cdiv(rows, block_rows), len(sel))](
+            *tables[:6], tables[6], coef, coef[n], coef[n + 1], rows, cols, P_TY=_tl(ps[0].dtype),
+            R_TY=_tl(r_dtype), ACC=_tl(acc), ALIGNED=aligned and _aligned([refs[i] for i in sel]),
+            ROWS=block_rows, COLS=block_cols, **step_kw)
 
 
 def _row_turn(ps: list[Tensor], refs: dict[int, Tensor], kappa: Tensor, acc: torch.dtype) -> None:
