@@ -66,6 +66,13 @@ def markdown(results: dict) -> str:
                     [[r.get("check"), r.get("shape", ""), r.get("metric", r.get("skipped", r.get("error", ""))),
                       _f(r.get("value"), ".3g"), _f(r.get("limit"), ".3g"), r.get("ok")] for r in checks]) + [""]
 
+    floor = _rows(results, "floor")
+    lines += ["## The penalty alone, against its traffic floor", _status(results, "floor"), ""]
+    lines += _table(["what", "params", "ms", "B/param", "floor ms (copy bw)", "× floor"],
+                    [[r["what"], f"{r['params'] / 1e9:.2f}B", _f(r.get("ms")), _f(r.get("bytes_per_param"), ".0f"),
+                      _f(r.get("floor_ms")), _f(r["ms"] / r["floor_ms"] if r.get("floor_ms") else None, ".2f")]
+                     for r in floor]) + [""]
+
     lines += ["## Training step (batch 1, random weights; variants interleaved)",
               "ms: median of all timed steps; × AdamW: median over rounds of (variant / AdamW in the "
               "same round), [min, max] over rounds.", _status(results, "train-1b"),

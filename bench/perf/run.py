@@ -10,6 +10,8 @@ so a run cut short still leaves its results:
   check      every Triton kernel and fused path against its float64 / foreach reference on this
              GPU at LLaMA shapes (perf_check.py); a failed check stops the run (exit 2) before
              anything is timed
+  floor      the penalty alone (dense over ~1B's projections, LoRA over 7B's bases) against the
+             bytes it must move at the copy bandwidth, and its plain-torch reference
   train-1b   full fine-tuning step of the ~1B model (seq 2048, batch 1), variants interleaved
   train-7b   LLaMA-2-7B + LoRA r=16 on every projection (seq 2048, batch 1, checkpointing)
   step-7b    optimizer step alone on LLaMA-2-7B's parameter set (32 layers bf16; 16 layers
@@ -41,6 +43,7 @@ except ImportError:
 
 import torch  # noqa: E402
 from perf_check import gpu_checks  # noqa: E402
+from perf_floor import dense_floor, lora_floor  # noqa: E402
 from perf_measure import (  # noqa: E402
     LLAMA_1B,
     LLAMA_7B,
@@ -55,8 +58,8 @@ from perf_measure import (  # noqa: E402
 from perf_report import markdown  # noqa: E402
 from perf_train import training_step  # noqa: E402
 
-SECTIONS = ["copy", "check", "train-1b", "train-7b", "step-7b", "agree", "step-1b", "memory"]
-DEFAULT = ["copy", "check", "train-1b", "train-7b", "step-7b"]
+SECTIONS = ["copy", "check", "floor", "train-1b", "train-7b", "step-7b", "agree", "step-1b", "memory"]
+DEFAULT = ["copy", "check", "floor", "train-1b", "train-7b", "step-7b"]
 
 
 def plan(smoke: bool, device: torch.device, copy_bw) -> dict:
@@ -69,6 +72,7 @@ def plan(smoke: bool, device: torch.device, copy_bw) -> dict:
     return {
         "copy": (lambda: copy_bandwidth(device, (1 << 20) if smoke else (2 << 30)), 5),
         "check": (lambda: gpu_checks(device), 30),
+        "floor": (lambda: dense_floor(big1, device, copy_bw(), **reps) + lora_floor(big7, device, copy_bw(), **reps), 20),
         "train-1b": (lambda: training_step(big1, device, lora=False, seq=seq, checkpointing=False,
                                            warmup=1 if smoke else 2, reps=2 if smoke else 6,
                                            rounds=3 if smoke else 5, deadline=time.time() + 40), 30),

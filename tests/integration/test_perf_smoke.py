@@ -31,7 +31,7 @@ def smoke(tmp_path_factory):
 
 def test_every_section_ran_without_error(smoke):
     _, res = smoke
-    assert set(res["sections"]) == {"copy", "check", "train-1b", "train-7b", "step-7b", "memory"}
+    assert set(res["sections"]) == {"copy", "check", "floor", "train-1b", "train-7b", "step-7b", "memory"}
     for name, sec in res["sections"].items():
         assert "error" not in sec, (name, sec.get("traceback"))
         assert "result" in sec, name
@@ -74,7 +74,8 @@ def test_training_rows_and_markdown(smoke):
     full = {r["variant"] for r in res["sections"]["train-1b"]["result"]}
     assert {"coupled (penalty + balanced init/scale)", "decoupled (balanced + row turn, folded)"} <= full
     md = (out / "perf.md").read_text()
-    for heading in ("## The kernels against", "## Optimizer step alone", "## Training step", "## Goals"):
+    for heading in ("## The kernels against", "## The penalty alone", "## Optimizer step alone", "## Training step",
+                    "## Goals"):
         assert heading in md
     assert "7B LoRA, coupled method ≤ 1.03× AdamW" in md
 

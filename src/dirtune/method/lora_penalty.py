@@ -217,7 +217,8 @@ def lora_angle_and_drift(base, lora_A, lora_B, scale, *, base_sq_norms=None, fus
         n0, c, q = n0.sum(-1), c.sum(-1), q.sum(-1)
         s = s[:, 0] if isinstance(s, torch.Tensor) else s
         one_minus_cos = _lora_one_minus_cos(n0, c, q, s, EPS)
-        where = torch.tensor(idx, device=angle.device)
+        where = torch.tensor(idx)
+        where = where.pin_memory().to(angle.device, non_blocking=True) if angle.is_cuda else where
         angle[where] = torch.rad2deg(2 * torch.asin((one_minus_cos / 2).clamp(0, 1).sqrt()))
         drift[where] = abs(s) * q.sqrt() / n0.sqrt().clamp_min(EPS)
     return angle, drift

@@ -62,6 +62,13 @@ def _table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
+def _index(idx: list[int], device: torch.device) -> torch.Tensor:
+    """An index tensor on `device` without a host sync (torch.tensor(list, device=cuda) copies from
+    pageable memory, which waits for the stream)."""
+    t = torch.tensor(idx, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def _aligned(tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
@@ -142,7 +149,7 @@ class _DenseRows(torch.autograd.Function):
                 _launch_rows(K._row_sums_kernel, [ws[i] for i in sub], [rs[i] for i in sub], [sums],
                              rows, cols, ACC=_tl(cd))
                 val, m, m0 = _from_sums(sums, eps)
-                vals[torch.tensor(sub, device=dev)] = val.mean(1)
+                vals[_index(sub, dev)] = val.mean(1)
                 saved += [val, m, m0]
                 layout.append(sub)
         ctx.save_for_backward(*tensors, *saved)
@@ -162,7 +169,7 @@ class _DenseRows(torch.autograd.Function):
             if not any(ctx.needs_input_grad[3 + i] for i in sub):
                 continue
             # ∇ = θ·(c/m²)·k − θ0·k/(m·m0) per row, k = grad_out/R (penalty._DenseDirection)
-            k = grad_vals[torch.tensor(sub, device=grad_vals.device)].to(val.dtype)[:, None] / val.shape[1]
+            k = grad_vals[_index(sub, grad_vals.device)].to(val.dtype)[:, None] / val.shape[1]
             a = torch.where(m > ctx.eps, (1 - val) / (m * m), torch.zeros_like(m)) * k
             b = k / (m * m0)
             coef = torch.stack([a, b], -1).contiguous()
@@ -219,7 +226,7 @@ def _add_into_grads(leaves, refs, coefs) -> None:
             sel = [i for i in keep if fresh[i] == want]
             if sel:
                 _row_grad([ws[i].grad for i in sel], [ws[i] for i in sel], [rs[i] for i in sel],
-                          coef[sel].contiguous(), not want)
+                          coef if len(sel) == len(ws) else coef[_index(sel, coef.device)], not want)
 
 
 def _accumulate_nodes(ws: list):
@@ -250,7 +257,7 @@ def dense_angle_drift(ws: list, rs: list, eps: float) -> tuple[torch.Tensor, tor
                          rows, cols, ACC=_tl(cd))
             tot = sums.sum(1)
             val, _, m0 = _from_sums(tot, eps)
-            where = torch.tensor(sub, device=angle.device)
+            where = _index(sub, angle.device)
             angle[where] = torch.rad2deg(2 * torch.asin((val / 2).clamp(0, 1).sqrt()))
             drift[where] = tot[:, 2].sqrt() / m0
     return angle, drift
