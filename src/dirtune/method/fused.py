@@ -6,7 +6,9 @@ the number of tensors (kernels in dirtune.method.fused_kernels):
 
     balance "selective"   _dot_kernel      c_i = <g_i, θ_i − a_i> per tensor, then k_i on the device
     always                _step_kernel     θ ← lerp(θ, a, k_i) (or (1 − k_i)·θ); m, v; θ ← θ − η·m̂/(√v̂ + ε)
-    λ_dir > 0, "row"      _row_turn_kernel θ_r ← α_r·θ_r + β_r·θ0_r, one launch per weight shape
+    λ_dir > 0, "row"      _step_turn_kernel  the step, then θ_r ← α_r·θ_r + β_r·θ0_r, in one pass
+                          over the rows of each turned 2-D weight, one launch per weight shape
+                          (FOLD_TURN; else _step_kernel, then _row_turn_kernel as a second pass)
     λ_dir > 0, "tensor"   _sums_kernel + _axpby_kernel
 
 Per-tensor scalars (k_i, −η/(1 − β1^t), sqrt(1 − β2^t)) are computed on the host in float64
@@ -16,7 +18,8 @@ one table and uploaded once; "selective" keeps k_i on the device, so no step syn
 Bytes per element, bf16 θ/g/a, moments in dtype M (2 or 4 bytes):
     step            read θ, g, m, v, a: 6 + 2M,  write θ, m, v: 2 + 2M   (24 for fp32 M, 16 for bf16)
     + selective     read θ, g, a again: + 6
-    + turn "row"    read θ, θ0, write θ: + 6 (each row is read twice; the second read is mostly L2)
+    + turn "row"    folded: θ0 read in the step's pass, the just-written rows re-read from L2 and
+                    written again: + 2 at most (the two-pass path: read θ, θ0, write θ, + 6)
     + turn "tensor" read θ, θ0 twice, write θ: + 10
 torch.optim.AdamW(fused=True) moves 6 + 4M (22 with fp32 moments, 14 with bf16); anchor "zero"
 or "none" drops the anchor's 2.
