@@ -331,3 +331,55 @@ def anchor_memory(spec: dict, device: torch.device, layers=None) -> list[dict]:
     del params, holder
     free()
     return out
+
+
+# --- the optimizer step's goals, interleaved ----------------------------------------------------
+
+
+def goal_rows(cuda: bool) -> list[list[tuple[str, dict, object]]]:
+    """Row sets timed together (their states alive at once): AdamW against each fused row."""
+    rows = {name: (name, moves, factory) for name, moves, factory in step_rows(torch.bfloat16, cuda, False)}
+    if not cuda:
+        return [[rows["adamw-fused"], rows["balanced-foreach"]]]
+    return [[rows["adamw-fused"], rows["balanced-fused"]],
+            [rows["adamw-fused"], rows["balanced-fused + row turn"]]]
+
+
+def optimizer_step_rounds(spec: dict, dtype: torch.dtype, device: torch.device, *, label: str, layers=None,
+                          copy_GBps=None, warmup=2, reps=8, rounds=3, sets=None) -> list[dict]:
+    """The step's goal rows, interleaved with AdamW(fused=True) on the same parameters: the
+    median ms over all rounds, and the ratio to AdamW per round (median and range)."""
+    from perf_train import interleaved, summarise
+
+    params = make_param_set(spec, dtype, device, layers)
+    n = sum(p.numel() for p in params)
+    print(f"  {label}: {n / 1e9:.2f}B parameters", flush=True)
+    out = []
+    for rowset in sets or goal_rows(device.type == "cuda"):
+        opts, moves = {}, {}
+        try:
+            for name, mv, factory in rowset:
+                opts[name], moves[name] = factory(params), mv
+            times = interleaved([(name, o.step) for name, o in opts.items()], device, rounds=rounds,
+                                warmup=warmup, reps=reps)
+            for row in summarise(times, rowset[0][0]):
+                name = row.pop("variant")
+                if out and name == rowset[0][0] and any(r["row"] == name for r in out):
+                    continue  # AdamW once per set is enough in the table
+                m_dtype = opts[name].state[params[0]]["exp_avg"].dtype
+                b = bytes_per_param(dtype, m_dtype, **moves[name])
+                row.update(set=label, row=name, params=n, param_dtype=str(dtype).split(".")[-1],
+                           moments=str(m_dtype).split(".")[-1], bytes_per_param=b, GBps=b * n / row["ms"] / 1e6)
+                if copy_GBps:
+                    row.update(of_copy_bw=row["GBps"] / copy_GBps, roofline_ms=b * n / copy_GBps / 1e6)
+                out.append(row)
+                print(f"    {name:42s} {row['ms']:9.2f} ms  ×{row.get('ratio', 1):.2f}", flush=True)
+        except Exception as e:  # one set's failure (e.g. out of memory) keeps the others
+            out.append({"set": label, "row": "/".join(r[0] for r in rowset), "error": f"{type(e).__name__}: {e}"[:300]})
+        opts = None
+        free()
+    for p in params:
+        p.grad = None
+    del params
+    free()
+    return out

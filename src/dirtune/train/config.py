@@ -86,6 +86,7 @@ class MethodConfig:
     reference_dtype: Literal["fp32", "bf16", "fp16", "same"] = _f(
         "bf16", "dtype of the stored pretrained references (full fine-tuning only)")
     reference_device: Literal["same", "cpu"] = _f("same", "where references/anchors live")
+    every: int = _f(1, "lazy regularization (coupled penalty): apply it every k steps with weight k*lambda_dir; 1 = every step")
 
 
 @dataclass
@@ -99,6 +100,8 @@ class OptimizerConfig:
     balance: Literal["none", "scale", "selective"] = _f("scale", "balanced_adamw: per-tensor b_i")
     anchor_dtype: Literal["fp32", "bf16", "fp16"] = _f("bf16", "balanced_adamw: anchor storage dtype")
     foreach: Optional[bool] = _f(None, "force the foreach (True) or single-tensor (False) path")
+    fused: Optional[bool] = _f(
+        None, "fused Triton step of balanced_adamw (true), not (false), or null = fused when every parameter is on CUDA and Triton imports")
 
 
 @dataclass
@@ -279,6 +282,7 @@ def validate(cfg: Config) -> Config:
         (0 <= cfg.data.test_ratio < 1, "data.test_ratio", cfg.data.test_ratio, "0 <= x < 1"),
         (cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length, "an integer >= 2"),
         (cfg.method.direction_weight >= 0, "method.direction_weight", cfg.method.direction_weight, "a number >= 0"),
+        (cfg.method.every >= 1, "method.every", cfg.method.every, "an integer >= 1"),
         (cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "a number > 0"),
         (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "a number >= 0"),
         (len(cfg.optimizer.betas) == 2 and all(0 <= b < 1 for b in cfg.optimizer.betas),
@@ -328,6 +332,12 @@ def validate(cfg: Config) -> Config:
     if cfg.method.penalty != "none" and cfg.method.direction_weight == 0:
         raise ConfigError("method.direction_weight: 0 with method.penalty="
                           f"{cfg.method.penalty!r} does nothing; set a weight > 0 or penalty: none")
+    if cfg.method.every > 1 and cfg.method.penalty != "coupled":
+        raise ConfigError(f"method.every: {cfg.method.every} applies the coupled penalty every k steps; with "
+                          f"method.penalty: {cfg.method.penalty!r} there is none (the decoupled turn is part of "
+                          "the optimizer step); set penalty: coupled or every: 1")
+    if cfg.optimizer.fused and cfg.optimizer.foreach:
+        raise ConfigError("optimizer.fused: true and optimizer.foreach: true pick two paths; set one of them")
     if cfg.method.penalty == "decoupled" and cfg.optimizer.name != "balanced_adamw":
         raise ConfigError("method.penalty: 'decoupled' is applied by the optimizer; "
                           "it needs optimizer.name: balanced_adamw")
