@@ -1,10 +1,14 @@
-"""The errors a person can fix: the CLI prints their message (file, line, key, value) and exits 2."""
+"""The errors a person can fix: the CLI prints their message (file, line, key, value) and exits 2.
+
+Every module imported here is light (no torch, no transformers): the CLI imports this before
+any command runs, so a config error is reported in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 from dirtune.data.records import DataError
 from dirtune.models.errors import ModelError
-from dirtune.train.callbacks import NonFiniteError
 from dirtune.train.config import ConfigError
+from dirtune.train.faults import NonFiniteError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, NonFiniteError, FileNotFoundError)
