@@ -45,8 +45,8 @@ class DemoSizes:
 # `time dirtune demo` on an idle 2-core machine: FULL 62-74 s, QUICK 9 s (budgets: 3 min and
 # 40 s); processes competing for the cores stretch this several times.
 FULL = DemoSizes(n_people=48, n_source_train=1500, n_source_valid=60, hidden=96, layers=3,
-                 source_steps=300, source_len=256, source_eval_every=100,
-                 task_steps=150, task_eval_every=10, batch_size=16)
+                 source_steps=200, source_len=256, source_eval_every=50,
+                 task_steps=100, task_eval_every=10, batch_size=16)
 QUICK = DemoSizes(n_people=24, n_source_train=400, n_source_valid=30, hidden=64, layers=2,
                   source_steps=80, source_len=128, source_eval_every=40,
                   task_steps=30, task_eval_every=10, batch_size=8)
@@ -76,10 +76,25 @@ METHODS = {
 
 
 def _common_overrides(seed: int) -> list[str]:
-    """What every demo run shares: CPU, fp32, full fine-tuning, quiet, re-runnable in place."""
-    return [f"train.seed={seed}", "train.device=cpu", "train.progress=false", "train.report_to=[none]",
-            "train.overwrite=true", "train.save_total_limit=1", "model.dtype=fp32",
-            "finetune.type=full", "finetune.train_embeddings=true", "train.drift_every=0"]
+    """What every demo run shares: CPU, fp32, full fine-tuning, a progress bar (steps, loss, ETA),
+    re-runnable in place. Checkpoints hold the weights alone: the demo never resumes, and saving
+    optimizer state at every improving evaluation would only cost time."""
+    return [f"train.seed={seed}", "train.device=cpu", "train.progress=true", "train.report_to=[none]",
+            "train.overwrite=true", "train.save_total_limit=1", "train.save_only_model=true",
+            "model.dtype=fp32", "finetune.type=full", "finetune.train_embeddings=true", "train.drift_every=0"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during one of the demo's runs: the run saved and stopped; so does the demo."""
+
+
+def _train(cfg) -> dict:
+    from dirtune.train.runner import run_training
+
+    summary = run_training(cfg)
+    if summary.get("interrupted"):
+        raise Interrupted(summary["interrupted"])
+    return summary
 
 
 def _write_source_init(init_dir: Path, sizes: DemoSizes, tokenizer) -> None:
@@ -179,14 +194,16 @@ def _plot(res: dict, path: Path) -> None:
         if r["forget_curve"]:
             ax2.plot(*zip(*r["forget_curve"]), marker=".", color=colour, label=r["label"])
         if r["steps_to_target"] is not None:
-            ax1.axvline(r["steps_to_target"], color=colour, lw=0.8, ls=":")
-    ax1.axhline(res["target"], color="gray", ls="--", lw=1, label=f"target (AdamW best) {res['target']:.3f}")
+            ax1.axvline(r["steps_to_target"], color=colour, lw=0.8, ls=":",
+                        label=f"{r['label']} first at the target (step {r['steps_to_target']})")
+    ax1.axhline(res["target"], color="gray", ls="--", lw=1, label=f"target = AdamW's best, {res['target']:.3f}")
     ax1.set_yscale("log")  # the race to the target happens in the tail
     plain = FuncFormatter(lambda y, _: f"{y:g}")
     ax1.yaxis.set_major_formatter(plain)
     ax1.yaxis.set_minor_formatter(plain)
     ax1.set(xlabel="step", ylabel="task validation loss (log scale)", title="fine-tuning: validation loss")
-    ax2.set(xlabel="step", ylabel="loss on held-out source prose", title="forgetting (higher = more)")
+    ax2.set(xlabel="step", ylabel="loss on held-out source prose",
+            title="forgetting: loss on the source prose (its rise)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -220,16 +237,17 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
     from dirtune.bench.metrics import steps_to_target
     from dirtune.data.synthetic import char_tokenizer, write_demo_data
     from dirtune.train.config import load_config
-    from dirtune.train.runner import run_training
 
     common = _common_overrides(seed)
 
+    print(f"dirtune demo ({'quick' if quick else 'full'}, seed {seed}) -> {out}")
+    print(f"      writing a world of {sizes.n_people} people: {sizes.n_source_train} paragraphs of prose "
+          "(the source domain) and a question-answer task about it", flush=True)
     files = write_demo_data(out / "data", seed=seed, n_people=sizes.n_people,
                             n_source_train=sizes.n_source_train, n_source_valid=sizes.n_source_valid)
     tokenizer = char_tokenizer()
     _write_source_init(out / "source_init", sizes, tokenizer)
 
-    print(f"dirtune demo ({'quick' if quick else 'full'}, seed {seed}) -> {out}")
     print(f"[1/3] pretraining a {sizes.layers}-layer, width-{sizes.hidden} LLaMA-2-architecture model "
           f"from scratch on the world's prose ({sizes.source_steps} steps)", flush=True)
     src_cfg = load_config(None, common + [
@@ -242,7 +260,7 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
         f"train.eval_every={sizes.source_eval_every}", "train.warmup_steps=20",
         "train.lr_scheduler=cosine",
     ])
-    src = run_training(src_cfg)
+    src = _train(src_cfg)
     src_curve, _ = _curves(out / "source")
     source_model = src["best_checkpoint"]
     source = {"dir": source_model, "untrained_valid_loss": src_curve[0][1] if src_curve else None,
@@ -264,7 +282,7 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
             f"train.eval_every={sizes.task_eval_every}", "train.warmup_steps=10",
             "train.lr_scheduler=cosine",
         ] + spec["overrides"])
-        summary = run_training(cfg)
+        summary = _train(cfg)
         curve, forget_curve = _curves(out / key)
         start, end = summary["forget_loss_start"], summary["forget_loss_end"]
         results[key] = {

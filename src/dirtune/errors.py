@@ -11,4 +11,11 @@ from dirtune.models.errors import ModelError
 from dirtune.train.config import ConfigError
 from dirtune.train.faults import NonFiniteError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, NonFiniteError, FileNotFoundError)
+
+
+class UsageError(ValueError):
+    """A command used in a way that would lose work or cannot be done (e.g. merging into a
+    folder that already holds something, without --overwrite)."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, NonFiniteError, FileNotFoundError, UsageError)

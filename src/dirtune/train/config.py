@@ -382,6 +382,8 @@ def from_dict(data: dict, source: str = "config") -> Config:
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML file; every way it can fail is a ConfigError naming the file (and line)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; expected a YAML {what} (e.g. configs/small-full.yaml)")
     if not p.is_file():
         raise ConfigError(f"{p}: {what} not found")
     try:
