@@ -180,6 +180,16 @@ def _table(res: dict) -> str:
 
 
 def _plot(res: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _figure(res)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _figure(res: dict):
+    """Left: task validation loss of both runs, the target and where each first reaches it;
+    right: the loss on held-out source prose, whose rise is the forgetting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,14 +213,13 @@ def _plot(res: dict, path: Path) -> None:
     ax1.yaxis.set_minor_formatter(plain)
     ax1.set(xlabel="step", ylabel="task validation loss (log scale)", title="fine-tuning: validation loss")
     ax2.set(xlabel="step", ylabel="loss on held-out source prose",
-            title="forgetting: loss on the source prose (its rise)")
+            title="forgetting: source-prose loss (higher = more forgotten)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"dirtune demo: {NOTE}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False) -> dict:
