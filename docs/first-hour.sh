@@ -10,11 +10,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-show() {  # print a command and its output (stdout and stderr, bars cut to their last state)
+show() {  # print a command and its output (stdout and stderr; a progress bar as it ended)
     echo '```'
     echo "\$ $*"
-    eval "$@" 2>&1 | tr '\r' '\n' | awk 'NF' | grep -v '^  warnings.warn' |
-        awk '/^train: / { bar = $0; next } { if (bar != "") { print bar; bar = "" } print } END { if (bar != "") print bar }'
+    eval "$@" 2>&1 | sed 's/.*\r//'
     echo '```'
     echo
 }

@@ -37,6 +37,7 @@ def _preflight(cfg) -> None:
     path = Path(cfg.model.path).expanduser()
     if not path.exists():
         raise ModelError(f"{path.resolve()}: model folder not found")
+    _not_a_run_folder(str(path), key="model.path: ")
     d = cfg.data
     if not (d.train_file if isinstance(d.train_file, list) else str(d.train_file).strip()):
         raise ConfigError("data.train_file is not set; give a data file (.json, .jsonl, .txt, .parquet, .arrow) "
@@ -87,13 +88,13 @@ def _dry_run(cfg) -> int:
     return 0
 
 
-def _not_a_run_folder(path: str) -> None:
+def _not_a_run_folder(path: str, key: str = "") -> None:
     """A run folder given where its model is wanted: point at the model inside it."""
     from dirtune.models.errors import ModelError
 
     p = Path(path).expanduser()
     if (p / "final").is_dir() and not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
-        raise ModelError(f"{p}: is a run folder, not a model; its trained model is {p / 'final'}")
+        raise ModelError(f"{key}{p}: is a run folder, not a model; its trained model is {p / 'final'}")
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:

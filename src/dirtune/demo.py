@@ -84,6 +84,20 @@ def _common_overrides(seed: int) -> list[str]:
             "model.dtype=fp32", "finetune.type=full", "finetune.train_embeddings=true", "train.drift_every=0"]
 
 
+def task_overrides(run_dir: Path, files: dict, source_model: str, sizes: DemoSizes, seed: int) -> list[str]:
+    """A fine-tuning run of the demo, less the method's own keys (METHODS)."""
+    return _common_overrides(seed) + [
+        f"model.path={source_model}",
+        f"data.train_file={files['task_train']}", f"data.valid_file={files['task_valid']}",
+        f"data.test_file={files['task_test']}", f"data.forget_file={files['source_valid']}",
+        "data.format=alpaca", "data.template=plain", "data.max_length=256",
+        f"train.output_dir={run_dir}", f"train.max_steps={sizes.task_steps}",
+        f"train.batch_size={sizes.batch_size}", f"train.eval_batch_size={2 * sizes.batch_size}",
+        f"train.eval_every={sizes.task_eval_every}", "train.warmup_steps=10",
+        "train.lr_scheduler=cosine",
+    ]
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) during one of the demo's runs: the run saved and stopped; so does the demo."""
 
@@ -281,16 +295,7 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
     results: dict = {}
     for i, (key, spec) in enumerate(METHODS.items(), start=2):
         print(f"[{i}/3] fine-tuning on the task with {spec['label']} ({sizes.task_steps} steps)", flush=True)
-        cfg = load_config(None, common + [
-            f"model.path={source_model}",
-            f"data.train_file={files['task_train']}", f"data.valid_file={files['task_valid']}",
-            f"data.test_file={files['task_test']}", f"data.forget_file={files['source_valid']}",
-            "data.format=alpaca", "data.template=plain", "data.max_length=256",
-            f"train.output_dir={out / key}", f"train.max_steps={sizes.task_steps}",
-            f"train.batch_size={sizes.batch_size}", f"train.eval_batch_size={2 * sizes.batch_size}",
-            f"train.eval_every={sizes.task_eval_every}", "train.warmup_steps=10",
-            "train.lr_scheduler=cosine",
-        ] + spec["overrides"])
+        cfg = load_config(None, task_overrides(out / key, files, source_model, sizes, seed) + spec["overrides"])
         summary = _train(cfg)
         curve, forget_curve = _curves(out / key)
         start, end = summary["forget_loss_start"], summary["forget_loss_end"]

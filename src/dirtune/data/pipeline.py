@@ -74,7 +74,8 @@ class DataBundle:
                          f"with loss) from {s['records']} records of {s['file']}; "
                          f"{s['truncated']} truncated, {s['rejected']} rejected")
             if s.get("mix"):
-                lines.append("    mix: " + ", ".join(f"{m['file']} {m['used']} of {m['records']}" for m in s["mix"]))
+                lines.append("    mix (data.train_weights): " + ", ".join(
+                    f"{m['file']} {m['used']} drawn from {m['records']} records" for m in s["mix"]))
         return "\n".join(lines)
 
 

@@ -92,7 +92,7 @@ def test_train_weights_set_each_files_share(tmp_path, word_tok):
     assert (tags.count("one"), tags.count("two")) == (8, 16)
     assert bundle.stats["splits"]["train"]["mix"] == [{"file": str(a), "records": 30, "used": 8},
                                                       {"file": str(b), "records": 6, "used": 16}]
-    assert "mix: " in bundle.summary()
+    assert "mix (data.train_weights): " in bundle.summary()
 
 
 def test_validation_is_held_out_before_the_mix(tmp_path, word_tok):
