@@ -42,8 +42,11 @@ class DemoSizes:
     batch_size: int
 
 
-# `time dirtune demo` on an idle 2-core machine: FULL 62-74 s, QUICK 9 s (budgets: 3 min and
-# 40 s); processes competing for the cores stretch this several times.
+# FULL: 200 pretraining steps and 2 x 100 fine-tuning steps. The sizes before (300 and 2 x 150
+# steps, checkpoints with optimizer state) took 72 s under `time` on an idle 2-core machine
+# (38 s pretraining, 14 s per fine-tune: docs/demo/ at commit 3ca1023); this is about two
+# thirds of that work (the budget: 90 s). QUICK (tests) ~9 s. Processes competing for the cores
+# stretch every phase several times; the progress bars show it.
 FULL = DemoSizes(n_people=48, n_source_train=1500, n_source_valid=60, hidden=96, layers=3,
                  source_steps=200, source_len=256, source_eval_every=50,
                  task_steps=100, task_eval_every=10, batch_size=16)
@@ -52,8 +55,9 @@ QUICK = DemoSizes(n_people=24, n_source_train=400, n_source_valid=30, hidden=64,
                   task_steps=30, task_eval_every=10, batch_size=8)
 
 # One learning rate per method, each the one with the lowest best validation loss of a grid
-# {3e-4, 1e-3, 3e-3, 1e-2} run once offline on the FULL demo, seed 0 (AdamW: 1e-3, the method:
-# 3e-3). Not swept per run: that is what `dirtune bench` does, with several seeds.
+# {3e-4, 1e-3, 3e-3, 1e-2} run once on the FULL demo's own source model, seed 0 (AdamW: 1e-3,
+# the method: 3e-3): docs/demo/lr_grid.py and its output lr_grid.txt. Not swept per run: that is
+# what `dirtune bench` does, with several seeds.
 # Decay and turn strengths at the peak learning rate: a pull of eta*lambda*b_i = 0.03*b_i of the
 # way back to the pretrained weights per step (b_i ~ 1, the scale balance) and a turn of about
 # eta*lambda_dir = 0.03 of the angle to their direction per step.
