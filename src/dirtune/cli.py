@@ -42,11 +42,17 @@ def _preflight(cfg) -> None:
     if not (d.train_file if isinstance(d.train_file, list) else str(d.train_file).strip()):
         raise ConfigError("data.train_file is not set; give a data file (.json, .jsonl, .txt, .parquet, .arrow) "
                           "or a list of them")
+    from dirtune.data.records import file_kind
+
     for key in ("train_file", "valid_file", "test_file", "forget_file"):
         value = getattr(d, key, None)
         for v in (value if isinstance(value, list) else [value] if value else []):
             if not Path(v).expanduser().exists():
                 raise DataError(f"data.{key}: {Path(v).expanduser()}: not found")
+            try:
+                file_kind(Path(v).expanduser())  # a folder that is no saved dataset, an unknown suffix
+            except DataError as e:
+                raise DataError(f"data.{key}: {e}") from None
 
 
 def _cmd_train(a: argparse.Namespace) -> int:

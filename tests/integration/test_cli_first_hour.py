@@ -156,8 +156,9 @@ def test_merge_overwrite_replaces_the_folder_once_the_merge_succeeded(adapter, t
         return merged
 
     monkeypatch.setattr(lora, "merge_lora", broken)
-    with pytest.raises(OSError):
-        main(["merge", str(adapter), str(out), "--overwrite"])
+    # a full disk is the machine's state: one line, exit 2 (cli.main), and OUT as it was
+    assert main(["merge", str(adapter), str(out), "--overwrite"]) == 2
+    assert "No space left on device" in error_line(capsys, "merge")
     assert snapshot(out) == {"notes.txt": b"mine"}  # untouched, and no partial folder left beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
@@ -203,17 +204,31 @@ def test_commands_print_no_future_warnings_or_loading_bars(adapter, task_files, 
         assert "Writing model shards" not in proc.stderr, proc.stderr
 
 
-def test_resume_says_which_checkpoint(tiny_checkpoint, task_files, tmp_path, capsys):
+def test_resume_says_which_checkpoint(tiny_checkpoint, task_files, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from dirtune.train.trainer import DirtuneTrainer
+
     args = ["train", str(tmp_path / "c.yaml"), f"model.path={tiny_checkpoint}",
             f"data.train_file={task_files['task_train']}", "data.valid_ratio=0", "data.max_length=64",
             f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2", "train.save_every=2",
-            "train.progress=false", "train.report_to=[none]", "train.device=cpu", "finetune.lora_r=2"]
+            "train.progress=false", "train.report_to=[none]", "train.device=cpu", "finetune.lora_r=2",
+            "train.max_steps=4"]
     (tmp_path / "c.yaml").write_text("{}\n")
-    assert main([*args, "train.max_steps=2"]) == 0
+    compute_loss = DirtuneTrainer.compute_loss
+
+    def stop_in_step_3(self, model, inputs, *a, **kw):  # a scheduler's SIGTERM during step 3
+        if model.training and self.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return compute_loss(self, model, inputs, *a, **kw)
+
+    monkeypatch.setattr(DirtuneTrainer, "compute_loss", stop_in_step_3)
+    assert main(args) == 130  # step 3 finished and saved, then stopped
+    monkeypatch.undo()
     capsys.readouterr()
-    assert main([*args, "train.max_steps=4", "--resume"]) == 0
+    assert main([*args, "--resume"]) == 0
     err = capsys.readouterr().err
-    assert f"resuming from checkpoint-2 of {tmp_path / 'run'} (step 2)" in err
+    assert f"resuming from checkpoint-3 of {tmp_path / 'run'} (step 3)" in err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == 4
 
 
