@@ -62,7 +62,18 @@ def profile_table(train: list) -> list[str]:
         tot = p["kernel_ms"] - b["kernel_ms"] if b else None
         body.append([m, r["variant"], f"{p['kernel_ms']:.1f}" + (f" ({tot:+.1f})" if tot is not None else ""),
                      *cells, p["kernels"], p["host_syncs"]])
-    return out + _table(["model", "variant", "kernel ms (Δ)", *KIND_ORDER, "kernels", "syncs"], body) + [""]
+    out += _table(["model", "variant", "kernel ms (Δ)", *KIND_ORDER, "kernels", "syncs"], body) + [""]
+    for m, r in rows:   # the kernels that differ most from AdamW's step, by name
+        b = base.get(m)
+        if b is None or r["variant"].startswith("adamw") or "by_kernel" not in r["profile"]:
+            continue
+        mine, theirs = r["profile"]["by_kernel"], b.get("by_kernel", {})
+        diff = {k: (mine.get(k, [0, 0.0])[1] - theirs.get(k, [0, 0.0])[1],
+                    mine.get(k, [0, 0.0])[0] - theirs.get(k, [0, 0.0])[0]) for k in set(mine) | set(theirs)}
+        top = sorted(diff.items(), key=lambda kv: -abs(kv[1][0]))[:6]
+        out.append(f"- {m}, {r['variant']} − AdamW: " + "; ".join(
+            f"`{k[:60]}` {d:+.2f} ms ({c:+d} launches)" for k, (d, c) in top if abs(d) >= 0.01))
+    return out + [""]
 
 
 def step_ratios(rows: list[dict]) -> dict:

@@ -317,7 +317,8 @@ def profile_steps(steps: list[tuple[str, object]], device: torch.device) -> dict
             syncs -= device.type == "cuda" and syncs > 0
             out[name] = {"kernel_ms": sum(kinds.values()), "by_kind_ms": kinds,
                          "kernels": sum(c for c, _ in per_kernel.values()), "launch_calls": launches,
-                         "host_syncs": syncs, "top": [[k, c, ms] for k, (c, ms) in top]}
+                         "host_syncs": syncs, "top": [[k, c, ms] for k, (c, ms) in top],
+                         "by_kernel": {k: [c, ms] for k, (c, ms) in per_kernel.items()}}
         except Exception as e:  # the profiler is a diagnostic: its failure keeps the timings
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"    profile {name:36s} " + (f"{out[name]['kernel_ms']:8.1f} ms in {out[name]['kernels']} kernels, "
