@@ -6,13 +6,16 @@
     lora    the factored LoRA penalty over LLaMA-2-7B's frozen bf16 bases, r = 16: forward and
             backward each read every base once = 4 bytes per base parameter; reference beside it
 
-Floor = those bytes at the measured copy bandwidth. Times: CUDA-event medians.
+Floor = those bytes at the measured copy bandwidth. Times: CUDA-event medians, three ways
+(perf_measure.timed_split): `ms` back to back (host overhead not hidden: the GPU waits for the
+host's Python between launches), `gpu_ms` with the host ahead (what the penalty costs inside a
+training step whose host runs ahead of the GPU), `host_ms` the host's own time per call.
 """
 
 from __future__ import annotations
 
 import torch
-from perf_measure import LORA_TARGETS, free, llama_shapes, timed
+from perf_measure import LORA_TARGETS, free, llama_shapes, timed_split
 
 from dirtune.method.lora_penalty import base_row_norms, lora_direction_penalty
 from dirtune.method.penalty import direction_penalty
@@ -33,12 +36,13 @@ def dense_floor(spec: dict, device: torch.device, copy_GBps=None, warmup=2, reps
     out = []
     for name, kw, nbytes in (("dense penalty, row kernels (into .grad)", dict(fused=None, into_grad=True), 12),
                              ("dense penalty, reference", dict(fused=False), None)):
-        ms = timed(lambda: direction_penalty(ws, rs, **kw).backward(), device, warmup, reps)
-        row = {"what": name, "params": n, "ms": ms}
+        row = {"what": name, "params": n,
+               **timed_split(lambda: direction_penalty(ws, rs, **kw).backward(), device, warmup, reps)}
         if nbytes and copy_GBps:
             row.update(bytes_per_param=nbytes, floor_ms=nbytes * n / copy_GBps / 1e6)
         out.append(row)
-        print(f"    {name:44s} {ms:8.2f} ms  floor {row.get('floor_ms', float('nan')):.2f}", flush=True)
+        print(f"    {name:44s} {row['ms']:8.2f} ms  gpu {row['gpu_ms']:8.2f}  host {row['host_ms']:8.2f}  "
+              f"floor {row.get('floor_ms', float('nan')):.2f}", flush=True)
     del ws, rs
     free()
     return out
@@ -58,12 +62,12 @@ def lora_floor(spec: dict, device: torch.device, copy_GBps=None, warmup=2, reps=
             lora_direction_penalty(bases, As, Bs, 2.0, base_sq_norms=norms, fused=fused).backward()
             for t in (*As, *Bs):
                 t.grad = None
-        ms = timed(step, device, warmup, reps)
-        row = {"what": name, "params": n, "ms": ms}
+        row = {"what": name, "params": n, **timed_split(step, device, warmup, reps)}
         if nbytes and copy_GBps:
             row.update(bytes_per_param=nbytes, floor_ms=nbytes * n / copy_GBps / 1e6)
         out.append(row)
-        print(f"    {name:44s} {ms:8.2f} ms  floor {row.get('floor_ms', float('nan')):.2f}", flush=True)
+        print(f"    {name:44s} {row['ms']:8.2f} ms  gpu {row['gpu_ms']:8.2f}  host {row['host_ms']:8.2f}  "
+              f"floor {row.get('floor_ms', float('nan')):.2f}", flush=True)
     del bases, As, Bs
     free()
     return out

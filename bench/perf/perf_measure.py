@@ -53,6 +53,60 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+_CYCLES_PER_MS: list[float] = []
+
+
+def gpu_busy(ms: float) -> None:
+    """Keep the current CUDA stream busy for about `ms` (torch.cuda._sleep, calibrated once)."""
+    if not _CYCLES_PER_MS:
+        for _ in range(2):   # the first call also loads the kernel
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(2_000_000)
+            end.record()
+            end.synchronize()
+        _CYCLES_PER_MS.append(2_000_000 / max(start.elapsed_time(end), 1e-3))
+    torch.cuda._sleep(int(ms * _CYCLES_PER_MS[0]))
+
+
+def host_ahead(fn, device: torch.device, lead_ms: float) -> tuple[float, float]:
+    """One call of fn timed two ways: (device ms, host ms). The stream is kept busy for `lead_ms`
+    before the start event, so the host enqueues all of fn's work while the device is still busy
+    and the events then time the device's work alone, without gaps where it waited for the host.
+    The host ms is how long fn took to return. host ms ≥ lead_ms means fn waited for the device
+    (a host sync): the device time then has gaps again, and says so (see `blocked`)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        ms = 1e3 * (time.perf_counter() - t0)
+        return ms, ms
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    gpu_busy(lead_ms)
+    start.record()
+    t0 = time.perf_counter()
+    fn()
+    host = 1e3 * (time.perf_counter() - t0)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end), host
+
+
+def timed_split(fn, device: torch.device, warmup: int, reps: int) -> dict:
+    """`timed` (ms: back to back, as a caller sees it) and, per call with the host ahead
+    (`host_ahead`), the device's own time (gpu_ms) and the host's (host_ms): medians.
+    ms ≫ gpu_ms means the host, not the device, sets the pace of fn alone."""
+    ms = timed(fn, device, warmup, reps)
+    t0 = time.perf_counter()
+    fn()
+    lead = 1.5 * 1e3 * (time.perf_counter() - t0) + 2.0
+    got = [host_ahead(fn, device, lead) for _ in range(reps)]
+    return {"ms": ms, "gpu_ms": statistics.median(g for g, _ in got),
+            "host_ms": statistics.median(h for _, h in got),
+            "blocked": sum(h >= lead for _, h in got) if device.type == "cuda" else 0}
+
+
 # --- device copy bandwidth -------------------------------------------------------------------
 
 

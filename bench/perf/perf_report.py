@@ -33,10 +33,47 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
     return out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
-def _spread(r: dict) -> str:
-    if "ratio" not in r:
+def _spread(r: dict, pre: str = "") -> str:
+    if pre + "ratio" not in r:
         return "–"
-    return f"{r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"
+    return f"{r[pre + 'ratio']:.3f} [{r[pre + 'ratio_min']:.3f}, {r[pre + 'ratio_max']:.3f}]"
+
+
+KIND_ORDER = ["gemm", "attention", "other", "penalty", "optimizer", "copy/memset"]
+
+
+def profile_table(train: list) -> list[str]:
+    """GPU kernel time of one profiled step per variant, by kind, and its difference to AdamW's."""
+    rows = [(m, r) for m, r in train if "profile" in r and "error" not in r["profile"]]
+    if not rows:
+        return []
+    base = {m: r["profile"] for m, r in rows if r["variant"].startswith("adamw")}
+    out = ["### Where the GPU time goes (one profiled step per variant)",
+           "Kernel ms by kind (Δ: minus AdamW's, same model); kernels: how many ran; syncs: host "
+           "synchronisations the step made.", ""]
+    body = []
+    for m, r in rows:
+        p, b = r["profile"], base.get(m)
+        cells = []
+        for k in KIND_ORDER:
+            v = p["by_kind_ms"].get(k, 0.0)
+            d = v - b["by_kind_ms"].get(k, 0.0) if b else None
+            cells.append(f"{v:.2f}" + (f" ({d:+.2f})" if d is not None and abs(d) >= 0.005 else ""))
+        tot = p["kernel_ms"] - b["kernel_ms"] if b else None
+        body.append([m, r["variant"], f"{p['kernel_ms']:.1f}" + (f" ({tot:+.1f})" if tot is not None else ""),
+                     *cells, p["kernels"], p["host_syncs"]])
+    out += _table(["model", "variant", "kernel ms (Δ)", *KIND_ORDER, "kernels", "syncs"], body) + [""]
+    for m, r in rows:   # the kernels that differ most from AdamW's step, by name
+        b = base.get(m)
+        if b is None or r["variant"].startswith("adamw") or "by_kernel" not in r["profile"]:
+            continue
+        mine, theirs = r["profile"]["by_kernel"], b.get("by_kernel", {})
+        diff = {k: (mine.get(k, [0, 0.0])[1] - theirs.get(k, [0, 0.0])[1],
+                    mine.get(k, [0, 0.0])[0] - theirs.get(k, [0, 0.0])[0]) for k in set(mine) | set(theirs)}
+        top = sorted(diff.items(), key=lambda kv: -abs(kv[1][0]))[:6]
+        out.append(f"- {m}, {r['variant']} − AdamW: " + "; ".join(
+            f"`{k[:60]}` {d:+.2f} ms ({c:+d} launches)" for k, (d, c) in top if abs(d) >= 0.01))
+    return out + [""]
 
 
 def step_ratios(rows: list[dict]) -> dict:
@@ -68,21 +105,29 @@ def markdown(results: dict) -> str:
 
     floor = _rows(results, "floor")
     lines += ["## The penalty alone, against its traffic floor", _status(results, "floor"), ""]
-    lines += _table(["what", "params", "ms", "B/param", "floor ms (copy bw)", "× floor"],
-                    [[r["what"], f"{r['params'] / 1e9:.2f}B", _f(r.get("ms")), _f(r.get("bytes_per_param"), ".0f"),
-                      _f(r.get("floor_ms")), _f(r["ms"] / r["floor_ms"] if r.get("floor_ms") else None, ".2f")]
+    lines += ["ms: back to back (the GPU also waits for the host's Python); GPU ms: with the host "
+              "ahead (what it costs inside a step whose host runs ahead); host ms: the host's time per call.", ""]
+    lines += _table(["what", "params", "ms", "GPU ms", "host ms", "B/param", "floor ms (copy bw)", "× floor (GPU ms)"],
+                    [[r["what"], f"{r['params'] / 1e9:.2f}B", _f(r.get("ms")), _f(r.get("gpu_ms")), _f(r.get("host_ms")),
+                      _f(r.get("bytes_per_param"), ".0f"), _f(r.get("floor_ms")),
+                      _f(r.get("gpu_ms", r["ms"]) / r["floor_ms"] if r.get("floor_ms") else None, ".2f")]
                      for r in floor]) + [""]
 
     lines += ["## Training step (batch 1, random weights; variants interleaved)",
-              "ms: median of all timed steps; × AdamW: median over rounds of (variant / AdamW in the "
-              "same round), [min, max] over rounds.", _status(results, "train-1b"),
-              _status(results, "train-7b"), ""]
+              "ms: median of all timed steps, back to back; × AdamW: median over rounds of (variant / AdamW "
+              "in the same round), [min, max] over rounds. device ms / device × AdamW: the same steps "
+              "timed with the host ahead (the GPU's own time, no waits for the host); host ms: how long "
+              "the host took to issue a step (≈ ms/step: the host sets the pace).",
+              _status(results, "train-1b"), _status(results, "train-7b"), ""]
     train = [("~1B full", r) for r in _rows(results, "train-1b")] + \
             [("7B LoRA r=16", r) for r in _rows(results, "train-7b")]
-    lines += _table(["model", "variant", "seq", "rounds × steps", "ms/step", "round medians", "× AdamW [range]"],
+    lines += _table(["model", "variant", "seq", "rounds × steps", "ms/step", "round medians", "× AdamW [range]",
+                     "device ms", "device × AdamW [range]", "host ms"],
                     [[m, r["variant"], r.get("seq"), f"{r.get('rounds')} × {r.get('steps', 0) // max(1, r.get('rounds') or 1)}",
-                      _f(r.get("ms"), ".1f"), ", ".join(f"{x:.1f}" for x in r.get("round_ms", [])), _spread(r)]
+                      _f(r.get("ms"), ".1f"), ", ".join(f"{x:.1f}" for x in r.get("round_ms", [])), _spread(r),
+                      _f(r.get("device_ms"), ".1f"), _spread(r, "device_"), _f(r.get("host_ms"), ".1f")]
                      for m, r in train]) + [""]
+    lines += profile_table(train)
 
     steps = _rows(results, "step-7b") + _rows(results, "step-1b")
     ratio = step_ratios(steps)
@@ -107,6 +152,12 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _device_view(rows: dict) -> dict:
+    """The rows with their device_* ratios in place of the back-to-back ones."""
+    return {v: {k[len("device_"):]: x for k, x in r.items() if k.startswith("device_ratio")}
+            for v, r in rows.items() if "device_ratio" in r}
+
+
 def _goal(label: str, rows: dict, variant: str, limit: float) -> str | None:
     r = rows.get(variant)
     if r is None or "ratio" not in r:
@@ -121,13 +172,16 @@ def goals(steps, ratio, train) -> list[str]:
     out = []
     lora = {r["variant"]: r for m, r in train if m.startswith("7B")}
     full = {r["variant"]: r for m, r in train if m.startswith("~1B")}
-    for line in (_goal("7B LoRA, coupled method", lora, "coupled (penalty + balanced)", GOALS["lora_coupled"]),
-                 _goal("~1B full, coupled method", full, "coupled (penalty + balanced init/scale)",
-                       GOALS["full_coupled"]),
-                 _goal("~1B full, decoupled turn", full, "decoupled (balanced + row turn, folded)",
-                       GOALS["full_decoupled"])):
+    for label, rows, variant, limit in (
+            ("7B LoRA, coupled method", lora, "coupled (penalty + balanced)", GOALS["lora_coupled"]),
+            ("~1B full, coupled method", full, "coupled (penalty + balanced init/scale)", GOALS["full_coupled"]),
+            ("~1B full, decoupled turn", full, "decoupled (balanced + row turn, folded)", GOALS["full_decoupled"])):
+        line = _goal(label, rows, variant, limit)
         if line:
             out.append(line)
+        line = _goal(label + " (device time, host ahead)", _device_view(rows), variant, limit)
+        if line:
+            out.append("  " + line)
     for r in steps:
         if r.get("row") == "balanced-fused" and "ms" in r:
             x = ratio.get((r["set"], r["row"]))

@@ -12,8 +12,10 @@ so a run cut short still leaves its results:
              anything is timed
   floor      the penalty alone (dense over ~1B's projections, LoRA over 7B's bases) against the
              bytes it must move at the copy bandwidth, and its plain-torch reference
-  train-1b   full fine-tuning step of the ~1B model (seq 2048, batch 1), variants interleaved
-  train-7b   LLaMA-2-7B + LoRA r=16 on every projection (seq 2048, batch 1, checkpointing)
+  train-1b   full fine-tuning step of the ~1B model (seq 2048, batch 1), variants interleaved over
+             8 short rounds, each step also timed with the host ahead (device ms, host ms); one
+             profiled step per variant (GPU time by kernel kind, host syncs)
+  train-7b   LLaMA-2-7B + LoRA r=16 on every projection (seq 2048, batch 1, checkpointing), 5 rounds
   step-7b    optimizer step alone on LLaMA-2-7B's parameter set (32 layers bf16; 16 layers
              fp32), the fused rows interleaved with AdamW(fused=True)
 
@@ -73,11 +75,15 @@ def plan(smoke: bool, device: torch.device, copy_bw) -> dict:
         "copy": (lambda: copy_bandwidth(device, (1 << 20) if smoke else (2 << 30)), 5),
         "check": (lambda: gpu_checks(device), 30),
         "floor": (lambda: dense_floor(big1, device, copy_bw(), **reps) + lora_floor(big7, device, copy_bw(), **reps), 20),
+        # 1B: many short rounds (the A/B is judged per round); host-ahead device times; one
+        # profiled step per variant. ~30 s on an H200. 7B: fewer, longer steps; ~60-70 s.
         "train-1b": (lambda: training_step(big1, device, lora=False, seq=seq, checkpointing=False,
-                                           warmup=1 if smoke else 2, reps=2 if smoke else 6,
-                                           rounds=3 if smoke else 5, deadline=time.time() + 40), 30),
+                                           warmup=1, reps=2 if smoke else 3, rounds=3 if smoke else 8,
+                                           min_rounds=3 if smoke else 5, deadline=time.time() + 45,
+                                           split=True, profile=True), 30),
         "train-7b": (lambda: training_step(big7, device, lora=True, seq=seq, checkpointing=True,
-                                           warmup=1, reps=2 if smoke else 4, rounds=3), 60),
+                                           warmup=1, reps=2, rounds=3 if smoke else 5, min_rounds=3,
+                                           deadline=time.time() + 60, split=True), 60),
         "step-7b": (lambda: optimizer_step_rounds(big7, bf16, device, label="7B bf16", copy_GBps=copy_bw(), **rounds)
                     + optimizer_step_rounds(big7, fp32, device, label="7B (16 of 32 layers) fp32",
                                             layers=None if smoke else 16, copy_GBps=copy_bw(),

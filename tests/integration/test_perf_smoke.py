@@ -71,13 +71,23 @@ def test_training_rows_and_markdown(smoke):
     assert [r["variant"] for r in lora][0].startswith("adamw")
     assert {"coupled (penalty + balanced)", "coupled, lazy every 4"} <= {r["variant"] for r in lora}
     assert all(r["ms"] > 0 and "overhead_vs_adamw" in r and r["rounds"] == 3 for r in lora)
-    full = {r["variant"] for r in res["sections"]["train-1b"]["result"]}
-    assert {"coupled (penalty + balanced init/scale)", "decoupled (balanced + row turn, folded)"} <= full
+    full_rows = res["sections"]["train-1b"]["result"]
+    full = {r["variant"] for r in full_rows}
+    assert {"adamw (torch, fused)", "balanced init/scale alone", "coupled (penalty + balanced init/scale)",
+            "decoupled (balanced + row turn, folded)"} <= full
+    # every step also timed with the host ahead, and one profiled step per variant (1B)
+    for r in full_rows + lora:
+        assert r["device_ms"] > 0 and r["host_ms"] > 0 and len(r["device_round_ms"]) == r["rounds"]
+        assert r["device_ratio_min"] <= r["device_ratio"] <= r["device_ratio_max"]
+    assert all("error" not in r["profile"] and r["profile"]["kernels"] >= 0 for r in full_rows)
     md = (out / "perf.md").read_text()
     for heading in ("## The kernels against", "## The penalty alone", "## Optimizer step alone", "## Training step",
                     "## Goals"):
         assert heading in md
     assert "7B LoRA, coupled method ≤ 1.03× AdamW" in md
+    assert "(device time, host ahead)" in md and "### Where the GPU time goes" in md
+    floor = res["sections"]["floor"]["result"]
+    assert all(r["gpu_ms"] > 0 and r["host_ms"] > 0 for r in floor)
 
 
 def test_a_failed_check_stops_before_timing(tmp_path, monkeypatch):

@@ -137,12 +137,19 @@ def _aligned(*lists: list[Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for ts in lists for t in ts)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _fast(p: Tensor, g: Tensor, m: Tensor, v: Tensor, a: Tensor | None, r: Tensor | None) -> bool:
-    """The flat kernels need every tensor of a parameter contiguous and of the same size."""
-    same = [g, m, v] + [t for t in (a, r) if t is not None]
-    return (p.is_contiguous() and all(t.is_contiguous() and t.shape == p.shape for t in same)
-            and all(t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-                    for t in [p, *same]))
+    """The flat kernels need every tensor of a parameter contiguous and of the same size.
+    (A plain loop: this runs for every parameter at every step, on the host's critical path.)"""
+    if not p.is_contiguous() or p.dtype not in _KERNEL_DTYPES:
+        return False
+    shape = p.shape
+    for t in (g, m, v, a, r):
+        if t is not None and not (t.is_contiguous() and t.shape == shape and t.dtype in _KERNEL_DTYPES):
+            return False
+    return True
 
 
 def _fused_balanced_adamw(

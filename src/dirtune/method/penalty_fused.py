@@ -18,7 +18,7 @@ Imports torch, and Triton when present (`available()` says whether these paths c
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 
@@ -57,16 +57,50 @@ def _tl(dtype: torch.dtype):
             torch.float64: tl.float64}[dtype]
 
 
+_UPLOADS: OrderedDict = OrderedDict()   # (device, kind, values) → the int64 tensor on the device
+_UPLOADS_MAX = 256
+
+
+def _upload(values: tuple, device: torch.device, kind: str) -> torch.Tensor:
+    """A small int64 table on `device`, uploaded once and then reused: the weights, references
+    and gradients keep their addresses from step to step, so each step's tables are the last
+    step's (the key is the content itself, so a reused entry is always right). A new one is
+    uploaded without a host sync (torch.tensor(list, device=cuda) copies from pageable memory,
+    which waits for the stream)."""
+    key = (device, kind, values)
+    hit = _UPLOADS.get(key)
+    if hit is not None:
+        _UPLOADS.move_to_end(key)
+        return hit
+    t = torch.tensor(values, dtype=torch.int64)
+    t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    _UPLOADS[key] = t
+    if len(_UPLOADS) > _UPLOADS_MAX:
+        _UPLOADS.popitem(last=False)
+    return t
+
+
 def _table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    t = torch.tensor([x.data_ptr() for x in tensors], dtype=torch.int64)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    """The tensors' addresses on `device` (cached: see _upload)."""
+    return _upload(tuple(x.data_ptr() for x in tensors), device, "addr")
 
 
 def _index(idx: list[int], device: torch.device) -> torch.Tensor:
-    """An index tensor on `device` without a host sync (torch.tensor(list, device=cuda) copies from
-    pageable memory, which waits for the stream)."""
-    t = torch.tensor(idx, dtype=torch.int64)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    """An index tensor on `device` (cached, no host sync: see _upload)."""
+    return _upload(tuple(idx), device, "index")
+
+
+_EPS: dict = {}
+
+
+def _eps(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """ε as a 1-element tensor of the accumulation dtype (a Python float argument would reach the
+    kernel as fp32, which is not fp64's ε)."""
+    key = (eps, dtype, device)
+    if key not in _EPS:
+        t = torch.tensor([eps], dtype=dtype)
+        _EPS[key] = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return _EPS[key]
 
 
 def _aligned(tensors) -> bool:
@@ -110,7 +144,8 @@ def _groups(ws: list) -> dict:
 
 
 def _from_sums(s: torch.Tensor, eps: float):
-    """(val, m, m0) per row from the kernel's sums (…, 4); see penalty_kernels' docstring."""
+    """(val, m, m0) per row from the kernel's sums (…, 4); see penalty_kernels' docstring. The
+    row kernel computes the same in its epilogue (STATS) for the penalty; this is the angles'."""
     spp, srr, sdd, sde = s.unbind(-1)
     n, n0 = spp.sqrt(), srr.sqrt()
     m, m0 = n.clamp_min(eps), n0.clamp_min(eps)
@@ -121,13 +156,14 @@ def _from_sums(s: torch.Tensor, eps: float):
     return val, m, m0
 
 
-def _launch_rows(kernel, ws, rs, extra, rows, cols, **kw):
+def _launch_rows(kernel, ws, rs, extra, rows, cols, acc: torch.dtype, **kw):
     dev = ws[0].device
     block_rows, block_cols = _tiles(rows, cols)
     grid = (triton.cdiv(rows, block_rows), len(ws))
     kernel[grid](_table(ws, dev), _table(rs, dev), *extra, rows, cols, P_TY=_tl(ws[0].dtype),
-                 R_TY=_tl(rs[0].dtype), ALIGNED=_aligned(ws) and _aligned(rs), ROWS=block_rows,
-                 COLS=block_cols, num_warps=NUM_WARPS, **kw)
+                 R_TY=_tl(rs[0].dtype), ACC=_tl(acc), F64=acc == torch.float64,
+                 ALIGNED=_aligned(ws) and _aligned(rs), ROWS=block_rows, COLS=block_cols,
+                 num_warps=NUM_WARPS, **kw)
 
 
 class _DenseRows(torch.autograd.Function):
@@ -145,12 +181,12 @@ class _DenseRows(torch.autograd.Function):
             for i in idx:
                 by_dtype[(ws[i].dtype, rs[i].dtype)].append(i)
             for sub in by_dtype.values():
-                sums = torch.empty(len(sub), rows, 4, dtype=cd, device=dev)
-                _launch_rows(K._row_sums_kernel, [ws[i] for i in sub], [rs[i] for i in sub], [sums],
-                             rows, cols, ACC=_tl(cd))
-                val, m, m0 = _from_sums(sums, eps)
-                vals[_index(sub, dev)] = val.mean(1)
-                saved += [val, m, m0]
+                # per row (1 − cos, α, m·m0), computed in the kernel's epilogue
+                stats = torch.empty(len(sub), rows, 3, dtype=cd, device=dev)
+                _launch_rows(K._row_sums_kernel, [ws[i] for i in sub], [rs[i] for i in sub],
+                             [stats, _eps(eps, cd, dev)], rows, cols, cd, STATS=True)
+                vals[_index(sub, dev)] = stats[..., 0].mean(1)
+                saved.append(stats)
                 layout.append(sub)
         ctx.save_for_backward(*tensors, *saved)
         ctx.n, ctx.eps, ctx.layout, ctx.into_grad = n, eps, layout, into_grad
@@ -165,14 +201,13 @@ class _DenseRows(torch.autograd.Function):
         grads: list = [None] * n
         pending = []
         for j, sub in enumerate(ctx.layout):
-            val, m, m0 = stats[3 * j: 3 * j + 3]
+            st = stats[j]
             if not any(ctx.needs_input_grad[3 + i] for i in sub):
                 continue
-            # ∇ = θ·(c/m²)·k − θ0·k/(m·m0) per row, k = grad_out/R (penalty._DenseDirection)
-            k = grad_vals[_index(sub, grad_vals.device)].to(val.dtype)[:, None] / val.shape[1]
-            a = torch.where(m > ctx.eps, (1 - val) / (m * m), torch.zeros_like(m)) * k
-            b = k / (m * m0)
-            coef = torch.stack([a, b], -1).contiguous()
+            # ∇ = θ·(c/m²)·k − θ0·k/(m·m0) per row, k = grad_out/R (penalty._DenseDirection);
+            # the row factors α = c/m² and m·m0 came from the forward's kernel
+            k = grad_vals[_index(sub, grad_vals.device)].to(st.dtype) / st.shape[1]
+            coef = (st, k)
             if into:
                 pending.append((sub, coef))
                 continue
@@ -199,9 +234,18 @@ def _accumulating(nodes) -> bool:
 
 
 def _row_grad(gs, ws, rs, coef, accumulate: bool) -> None:
+    """coef = (stats (n, rows, 3), k (n,)) of these tensors (see _row_grad_kernel)."""
+    stats, k = coef
     rows, cols = _rows2(ws[0])
-    _launch_rows(K._row_grad_kernel, ws, rs, [_table(gs, ws[0].device), coef], rows, cols,
-                 G_TY=_tl(gs[0].dtype), ACC=_tl(coef.dtype), ACCUMULATE=accumulate)
+    _launch_rows(K._row_grad_kernel, ws, rs, [_table(gs, ws[0].device), stats, k], rows, cols,
+                 stats.dtype, G_TY=_tl(gs[0].dtype), ACCUMULATE=accumulate)
+
+
+def _pick(coef, sel: list[int]):
+    """The (stats, k) rows of the tensors `sel` of a group."""
+    stats, k = coef
+    where = _index(sel, k.device)
+    return stats[where].contiguous(), k[where].contiguous()
 
 
 def _add_into_grads(leaves, refs, coefs) -> None:
@@ -219,14 +263,15 @@ def _add_into_grads(leaves, refs, coefs) -> None:
                                                    and w.grad.shape == w.shape)]
         for i in odd:
             g = torch.empty_like(ws[i])
-            _row_grad([g], [ws[i]], [rs[i]], coef[i:i + 1].contiguous(), False)
+            _row_grad([g], [ws[i]], [rs[i]], _pick(coef, [i]), False)
             ws[i].grad.add_(g)
-        keep = [i for i in range(len(ws)) if i not in set(odd)]
+        odd_set = set(odd)
+        keep = [i for i in range(len(ws)) if i not in odd_set]
         for want in (True, False):   # fresh .grad is written, existing is accumulated
             sel = [i for i in keep if fresh[i] == want]
             if sel:
                 _row_grad([ws[i].grad for i in sel], [ws[i] for i in sel], [rs[i] for i in sel],
-                          coef if len(sel) == len(ws) else coef[_index(sel, coef.device)], not want)
+                          coef if len(sel) == len(ws) else _pick(coef, sel), not want)
 
 
 def _accumulate_nodes(ws: list):
@@ -253,8 +298,8 @@ def dense_angle_drift(ws: list, rs: list, eps: float) -> tuple[torch.Tensor, tor
         for dts in {(ws[i].dtype, rs[i].dtype) for i in idx}:
             sub = [i for i in idx if (ws[i].dtype, rs[i].dtype) == dts]
             sums = torch.empty(len(sub), rows, 4, dtype=cd, device=angle.device)
-            _launch_rows(K._row_sums_kernel, [ws[i] for i in sub], [rs[i] for i in sub], [sums],
-                         rows, cols, ACC=_tl(cd))
+            _launch_rows(K._row_sums_kernel, [ws[i] for i in sub], [rs[i] for i in sub],
+                         [sums, _eps(eps, cd, angle.device)], rows, cols, cd, STATS=False)
             tot = sums.sum(1)
             val, _, m0 = _from_sums(tot, eps)
             where = _index(sub, angle.device)

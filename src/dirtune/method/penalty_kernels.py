@@ -3,7 +3,8 @@
 Dense weights (full fine-tuning), one launch per group of tensors of one shape (address tables,
 as in fused_kernels), each program a tile of ROWS rows:
 
-    _row_sums_kernel  per row: Σθ², Σθ0², Σ(θ−θ0)², Σ(θ−θ0)(θ+θ0)   (reads θ, θ0 once)
+    _row_sums_kernel  per row: Σθ², Σθ0², Σ(θ−θ0)², Σ(θ−θ0)(θ+θ0)   (reads θ, θ0 once), and
+                      from them (STATS) the row's 1 − cos and its gradient's two row factors
     _row_grad_kernel  per row: g ← [g +] a_r·θ − b_r·θ0                 (reads θ, θ0[, g]; writes g)
 
 The four sums give `1 − cos` without cancellation: with m = ||θ||, m0 = ||θ0||,
@@ -28,14 +29,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dirtune.method.fused_kernels import _ptr
+from dirtune.method.fused_kernels import _div, _ptr, _sqrt
 
 
 @triton.jit
-def _row_sums_kernel(p_addr, r_addr, out, rows, cols,
-                     P_TY: tl.constexpr, R_TY: tl.constexpr, ACC: tl.constexpr,
-                     ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """out[t, row, :] = (Σθ², Σθ0², Σ(θ−θ0)², Σ(θ−θ0)(θ+θ0)) of rows [ROWS·pid0, +ROWS) of tensor pid1."""
+def _row_sums_kernel(p_addr, r_addr, out, eps_ptr, rows, cols,
+                     P_TY: tl.constexpr, R_TY: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
+                     STATS: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
+                     COLS: tl.constexpr):
+    """Rows [ROWS·pid0, +ROWS) of tensor pid1, from Σθ², Σθ0², Σ(θ−θ0)², Σ(θ−θ0)(θ+θ0):
+
+    STATS=False: out[t, row, :4] = the four sums (angles and drifts add them over rows);
+    STATS=True:  out[t, row, :3] = (1 − cos, α, m·m0), what the penalty's value and its row
+                 gradient need (α = (1 − cos)/m² where m > ε, else 0), so no per-row torch ops
+                 run between the launches. eps_ptr: ε in ACC (exact in fp64)."""
     t = tl.program_id(1)
     p_ptr = _ptr(p_addr, t, P_TY, ALIGNED)
     r_ptr = _ptr(r_addr, t, R_TY, ALIGNED)
@@ -57,28 +64,49 @@ def _row_sums_kernel(p_addr, r_addr, out, rows, cols,
         s_rr += tl.sum(r * r, axis=1)
         s_dd += tl.sum(d * d, axis=1)
         s_de += tl.sum(d * (p + r), axis=1)
-    o = out + (t.to(tl.int64) * rows + rr) * 4
-    tl.store(o, s_pp, mask=row_ok)
-    tl.store(o + 1, s_rr, mask=row_ok)
-    tl.store(o + 2, s_dd, mask=row_ok)
-    tl.store(o + 3, s_de, mask=row_ok)
+    if STATS:
+        # penalty_fused._from_sums, in the same order of operations
+        e = tl.load(eps_ptr)
+        n = _sqrt(s_pp, F64)
+        n0 = _sqrt(s_rr, F64)
+        m = tl.maximum(n, e)
+        m0 = tl.maximum(n0, e)
+        mm0 = m * m0
+        dm = _div(s_de, tl.maximum(n + n0, e), F64)              # m − m0 without cancellation
+        half = _div(0.5 * tl.maximum(s_dd - dm * dm, 0.0), mm0, F64)
+        full = 1.0 - _div(0.5 * (s_pp + s_rr - s_dd), mm0, F64)    # a norm at or below ε
+        val = tl.where((n > e) & (n0 > e), half, full)
+        alpha = tl.where(m > e, _div(1.0 - val, m * m, F64), 0.0)
+        o = out + (t.to(tl.int64) * rows + rr) * 3
+        tl.store(o, val, mask=row_ok)
+        tl.store(o + 1, alpha, mask=row_ok)
+        tl.store(o + 2, mm0, mask=row_ok)
+    else:
+        o = out + (t.to(tl.int64) * rows + rr) * 4
+        tl.store(o, s_pp, mask=row_ok)
+        tl.store(o + 1, s_rr, mask=row_ok)
+        tl.store(o + 2, s_dd, mask=row_ok)
+        tl.store(o + 3, s_de, mask=row_ok)
 
 
 @triton.jit
-def _row_grad_kernel(p_addr, r_addr, g_addr, coef, rows, cols,
+def _row_grad_kernel(p_addr, r_addr, g_addr, stats, k_ptr, rows, cols,
                      P_TY: tl.constexpr, R_TY: tl.constexpr, G_TY: tl.constexpr, ACC: tl.constexpr,
-                     ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr):
-    """g_r ← a_r·θ_r − b_r·θ0_r (ACCUMULATE: g_r + that, rounded once); coef[t, row] = (a_r, b_r)."""
+                     F64: tl.constexpr, ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr,
+                     ROWS: tl.constexpr, COLS: tl.constexpr):
+    """g_r ← a_r·θ_r − b_r·θ0_r (ACCUMULATE: g_r + that, rounded once), with a_r = α_r·k_t and
+    b_r = k_t/(m·m0)_r from the forward's stats[t, row] = (1 − cos, α, m·m0); k_t = the
+    upstream gradient of tensor t divided by its row count."""
     t = tl.program_id(1)
     p_ptr = _ptr(p_addr, t, P_TY, ALIGNED)
     r_ptr = _ptr(r_addr, t, R_TY, ALIGNED)
     g_ptr = _ptr(g_addr, t, G_TY, ALIGNED)
     rr = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rr < rows
-    c = coef + (t.to(tl.int64) * rows + rr) * 2
-    a = tl.load(c, mask=row_ok, other=0.0)[:, None]
-    b = tl.load(c + 1, mask=row_ok, other=0.0)[:, None]
+    k = tl.load(k_ptr + t)
+    s = stats + (t.to(tl.int64) * rows + rr) * 3
+    a = (tl.load(s + 1, mask=row_ok, other=0.0) * k)[:, None]
+    b = _div(k, tl.load(s + 2, mask=row_ok, other=1.0), F64)[:, None]
     base = rr.to(tl.int64) * cols
     cc = tl.arange(0, COLS)
     for c0 in range(0, cols, COLS):
