@@ -53,6 +53,60 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+_CYCLES_PER_MS: list[float] = []
+
+
+def gpu_busy(ms: float) -> None:
+    """Keep the current CUDA stream busy for about `ms` (torch.cuda._sleep, calibrated once)."""
+    if not _CYCLES_PER_MS:
+        for _ in range(2):   # the first call also loads the kernel
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(2_000_000)
+            end.record()
+            end.synchronize()
+        _CYCLES_PER_MS.append(2_000_000 / max(start.elapsed_time(end), 1e-3))
+    torch.cuda._sleep(int(ms * _CYCLES_PER_MS[0]))
+
+
+def host_ahead(fn, device: torch.device, lead_ms: float) -> tuple[float, float]:
+    """One call of fn timed two ways: (device ms, host ms). The stream is kept busy for `lead_ms`
+    before the start event, so the host enqueues all of fn's work while the device is still busy
+    and the events then time the device's work alone, without gaps where it waited for the host.
+    The host ms is how long fn took to return. host ms ≥ lead_ms means fn waited for the device
+    (a host sync): the device time then has gaps again, and says so (see `blocked`)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        ms = 1e3 * (time.perf_counter() - t0)
+        return ms, ms
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    gpu_busy(lead_ms)
+    start.record()
+    t0 = time.perf_counter()
+    fn()
+    host = 1e3 * (time.perf_counter() - t0)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end), host
+
+
+def timed_split(fn, device: torch.device, warmup: int, reps: int) -> dict:
+    """`timed` (ms: back to back, as a caller sees it) and, per call with the host ahead
+    (`host_ahead`), the device's own time (gpu_ms) and the host's (host_ms): medians.
+    ms ≫ gpu_ms means the host, not the device, sets the pace of fn alone."""
+    ms = timed(fn, device, warmup, reps)
+    t0 = time.perf_counter()
+    fn()
+    lead = 1.5 * 1e3 * (time.perf_counter() - t0) + 2.0
+    got = [host_ahead(fn, device, lead) for _ in range(reps)]
+    return {"ms": ms, "gpu_ms": statistics.median(g for g, _ in got),
+            "host_ms": statistics.median(h for _, h in got),
+            "blocked": sum(h >= lead for _, h in got) if device.type == "cuda" else 0}
+
+
 # --- device copy bandwidth -------------------------------------------------------------------
 
 
@@ -329,5 +383,57 @@ def anchor_memory(spec: dict, device: torch.device, layers=None) -> list[dict]:
     for p in params:
         p.grad = None
     del params, holder
+    free()
+    return out
+
+
+# --- the optimizer step's goals, interleaved ----------------------------------------------------
+
+
+def goal_rows(cuda: bool) -> list[list[tuple[str, dict, object]]]:
+    """Row sets timed together (their states alive at once): AdamW against each fused row."""
+    rows = {name: (name, moves, factory) for name, moves, factory in step_rows(torch.bfloat16, cuda, False)}
+    if not cuda:
+        return [[rows["adamw-fused"], rows["balanced-foreach"]]]
+    return [[rows["adamw-fused"], rows["balanced-fused"]],
+            [rows["adamw-fused"], rows["balanced-fused + row turn"]]]
+
+
+def optimizer_step_rounds(spec: dict, dtype: torch.dtype, device: torch.device, *, label: str, layers=None,
+                          copy_GBps=None, warmup=2, reps=8, rounds=3, sets=None) -> list[dict]:
+    """The step's goal rows, interleaved with AdamW(fused=True) on the same parameters: the
+    median ms over all rounds, and the ratio to AdamW per round (median and range)."""
+    from perf_train import interleaved, summarise
+
+    params = make_param_set(spec, dtype, device, layers)
+    n = sum(p.numel() for p in params)
+    print(f"  {label}: {n / 1e9:.2f}B parameters", flush=True)
+    out = []
+    for rowset in sets or goal_rows(device.type == "cuda"):
+        opts, moves = {}, {}
+        try:
+            for name, mv, factory in rowset:
+                opts[name], moves[name] = factory(params), mv
+            times = interleaved([(name, o.step) for name, o in opts.items()], device, rounds=rounds,
+                                warmup=warmup, reps=reps)
+            for row in summarise(times, rowset[0][0]):
+                name = row.pop("variant")
+                if out and name == rowset[0][0] and any(r["row"] == name for r in out):
+                    continue  # AdamW once per set is enough in the table
+                m_dtype = opts[name].state[params[0]]["exp_avg"].dtype
+                b = bytes_per_param(dtype, m_dtype, **moves[name])
+                row.update(set=label, row=name, params=n, param_dtype=str(dtype).split(".")[-1],
+                           moments=str(m_dtype).split(".")[-1], bytes_per_param=b, GBps=b * n / row["ms"] / 1e6)
+                if copy_GBps:
+                    row.update(of_copy_bw=row["GBps"] / copy_GBps, roofline_ms=b * n / copy_GBps / 1e6)
+                out.append(row)
+                print(f"    {name:42s} {row['ms']:9.2f} ms  ×{row.get('ratio', 1):.2f}", flush=True)
+        except Exception as e:  # one set's failure (e.g. out of memory) keeps the others
+            out.append({"set": label, "row": "/".join(r[0] for r in rowset), "error": f"{type(e).__name__}: {e}"[:300]})
+        opts = None
+        free()
+    for p in params:
+        p.grad = None
+    del params
     free()
     return out

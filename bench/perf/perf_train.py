@@ -1,21 +1,37 @@
-"""Full training steps (forward, backward, optimizer step) of random-weight LLaMA-2 models:
-AdamW against the method, time per step and peak accelerator memory.
+"""Full training steps (forward, backward, optimizer step) of random-weight LLaMA-2 models, the
+variants interleaved: every round runs each variant for `reps` timed steps (after `warmup`
+untimed ones), the order alternating between rounds, so a machine whose speed drifts moves
+every variant alike. Reported per variant: the median of all timed steps, the per-round
+medians, and the ratio to AdamW's median *of the same round* (median and range over rounds).
 
-LoRA (r=16 on every linear projection): AdamW; BalancedAdamW alone (anchor "zero", as the
-trainer uses for A/B); the coupled method (factored penalty in the loss + BalancedAdamW).
-The decoupled turn is not offered with LoRA (config.validate refuses it), so it is not timed.
-Full fine-tuning: AdamW; coupled (penalty with bf16 references + BalancedAdamW anchored at the
-pretrained weights); decoupled (BalancedAdamW with the row turn on the projections), fused and
-foreach.
+LoRA (r=16 on every projection of LLaMA-2-7B, checkpointing): AdamW; BalancedAdamW alone
+(anchor "zero", as the trainer uses for A/B); the coupled method (factored penalty in the loss +
+BalancedAdamW) on the Triton path, lazily every 4 steps (weight 4λ), and on the plain-torch
+reference path (the code before issue 12, for comparison).
+Full fine-tuning (~1B): AdamW; BalancedAdamW alone (anchor "init", balance "scale": the coupled
+method's optimizer, so coupled − balanced is the penalty's share and balanced − AdamW the
+optimizer's); coupled (row kernels, gradient added into .grad); decoupled (BalancedAdamW with the
+row turn folded into the step). The code before issue 12 (reference penalty, turn as a second
+pass) is in the 1B set only with `before=True` (measured in results/2026-12-01-h200-issue12).
+
+With `split=True` each round also times `reps` steps with the host ahead (perf_measure.host_ahead):
+the device's own time per step and the host's, so a step whose pace the host sets (Python and
+launches, not the GPU) shows as host ms ≈ ms/step and device ms < ms/step. `profile=True` runs
+one step per variant under torch.profiler afterwards: GPU kernel time by kind (GEMM, attention,
+penalty kernels, optimizer, copies, other), the kernel count, and host syncs: what each variant
+adds to AdamW's step, counted rather than inferred.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 
 import torch
-from perf_measure import LORA_TARGETS, free, timed
+from perf_measure import LORA_TARGETS, free, host_ahead
 
+from dirtune.method import fused as fused_mod
 from dirtune.method.balanced_adamw import BalancedAdamW
 from dirtune.models.direction import DirectionPenalty
 
@@ -71,34 +87,126 @@ def _plain(groups):
     return [{k: v for k, v in g.items() if k != "direction_weight"} for g in groups]
 
 
-def lora_variants(cuda: bool):
+def lora_variants(model, cuda: bool, before: bool = True):
+    """(name, optimizer, penalty or None, every, fold) per variant."""
     path = dict(fused=True) if cuda else {}
+    adam = dict(fused=True) if cuda else {}
     return [
-        ("adamw (torch, fused)", lambda m: (torch.optim.AdamW(lora_groups(m), lr=LR, fused=True), None)),
-        ("balanced zero/scale", lambda m: (BalancedAdamW(lora_groups(m), lr=LR, anchor="zero", **path), None)),
-        ("method coupled (penalty + balanced)",
-         lambda m: (BalancedAdamW(lora_groups(m), lr=LR, anchor="zero", **path),
-                    DirectionPenalty(m, LAMBDA_DIR))),
-    ]
+        ("adamw (torch, fused)", torch.optim.AdamW(lora_groups(model), lr=LR, **adam), None, 1, True),
+        ("balanced zero/scale", BalancedAdamW(lora_groups(model), lr=LR, anchor="zero", **path), None, 1, True),
+        ("coupled (penalty + balanced)", BalancedAdamW(lora_groups(model), lr=LR, anchor="zero", **path),
+         DirectionPenalty(model, LAMBDA_DIR, fused=None), 1, True),
+        ("coupled, lazy every 4", BalancedAdamW(lora_groups(model), lr=LR, anchor="zero", **path),
+         DirectionPenalty(model, LAMBDA_DIR, fused=None), 4, True),
+    ] + ([("coupled, reference penalty (before)", BalancedAdamW(lora_groups(model), lr=LR, anchor="zero", **path),
+           DirectionPenalty(model, LAMBDA_DIR, fused=False), 1, True)] if before else [])
 
 
-def full_variants(cuda: bool):
+def full_variants(model, cuda: bool, before: bool = False):
     path = dict(fused=True) if cuda else {}
-    return [
-        ("adamw (torch, fused)",
-         lambda m: (torch.optim.AdamW(_plain(full_groups(m)), lr=LR, fused=True), None)),
-        ("method coupled (penalty + balanced init/scale)",
-         lambda m: (BalancedAdamW(full_groups(m), lr=LR, **path), DirectionPenalty(m, LAMBDA_DIR))),
-        ("method decoupled (balanced + row turn)",
-         lambda m: (BalancedAdamW(full_groups(m, LAMBDA_DIR), lr=LR, **path), None)),
-        ("method decoupled, foreach path",
-         lambda m: (BalancedAdamW(full_groups(m, LAMBDA_DIR), lr=LR, foreach=True), None)),
+    adam = dict(fused=True) if cuda else {}
+    out = [
+        ("adamw (torch, fused)", torch.optim.AdamW(_plain(full_groups(model)), lr=LR, **adam), None, 1, True),
+        ("balanced init/scale alone", BalancedAdamW(full_groups(model), lr=LR, **path), None, 1, True),
+        ("coupled (penalty + balanced init/scale)", BalancedAdamW(full_groups(model), lr=LR, **path),
+         DirectionPenalty(model, LAMBDA_DIR, fused=None), 1, True),
+        ("decoupled (balanced + row turn, folded)", BalancedAdamW(full_groups(model, LAMBDA_DIR), lr=LR, **path),
+         None, 1, True),
     ]
+    if before:
+        out += [
+            ("coupled, reference penalty (before)", BalancedAdamW(full_groups(model), lr=LR, **path),
+             DirectionPenalty(model, LAMBDA_DIR, fused=False), 1, True),
+            ("decoupled, turn as a second pass (before)",
+             BalancedAdamW(full_groups(model, LAMBDA_DIR), lr=LR, **path), None, 1, False),
+        ]
+    return out
+
+
+def interleaved(steps: list[tuple[str, object]], device: torch.device, *, rounds: int, warmup: int,
+                reps: int, deadline: float | None = None, min_rounds: int = 3,
+                split: dict | None = None) -> dict[str, list[list[float]]]:
+    """{name: [per round: the timed ms]}: every round runs every variant (order alternating);
+    rounds beyond `min_rounds` are skipped once `deadline` (time.time()) has passed.
+    `split` (a dict): after the back-to-back steps, `reps` more with the host ahead, their
+    device and host ms stored as split["device"][name], split["host"][name] (per round), and
+    split["lead"][name] the lead each round used."""
+    times: dict[str, list[list[float]]] = {name: [] for name, _ in steps}
+    if split is not None:
+        for key in ("device", "host", "lead"):
+            split[key] = {name: [] for name, _ in steps}
+    for r in range(rounds):
+        if r >= min_rounds and deadline is not None and time.time() > deadline:
+            break
+        for name, fn in (steps if r % 2 == 0 else steps[::-1]):
+            for _ in range(warmup):
+                fn()
+            got = []
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                events = []
+                for _ in range(reps):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    events.append((start, end))
+                torch.cuda.synchronize()
+                got = [s.elapsed_time(e) for s, e in events]
+            else:
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    got.append(1e3 * (time.perf_counter() - t0))
+            times[name].append(got)
+            if split is not None:
+                # the host must finish enqueuing a step before the lead runs out: 1.5× the host
+                # time of the last step (+ 5 ms), from a step whose device time was just measured
+                t0 = time.perf_counter()
+                fn()
+                lead = 1.5e3 * (time.perf_counter() - t0) + 5.0
+                pairs = [host_ahead(fn, device, lead) for _ in range(reps)]
+                split["device"][name].append([d for d, _ in pairs])
+                split["host"][name].append([h for _, h in pairs])
+                split["lead"][name].append(lead)
+    return times
+
+
+def summarise(times: dict[str, list[list[float]]], baseline: str, split: dict | None = None) -> list[dict]:
+    """Rows: ms (median of all timed steps), round medians, and the per-round ratio to baseline;
+    with `split`, the same for the device's own time (device_*) and the host's (host_ms)."""
+    base = [statistics.median(t) for t in times.get(baseline, [])]
+    rows = []
+    for name, per_round in times.items():
+        meds = [statistics.median(t) for t in per_round]
+        row = {"variant": name, "rounds": len(per_round), "steps": sum(len(t) for t in per_round),
+               "ms": statistics.median([x for t in per_round for x in t]) if per_round else None,
+               "round_ms": meds}
+        if base and len(base) == len(meds):
+            ratios = [m / b for m, b in zip(meds, base)]
+            row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                       overhead_vs_adamw=statistics.median(ratios) - 1)
+        if split and split["device"].get(name):
+            dev = split["device"][name]
+            dmeds = [statistics.median(t) for t in dev]
+            dbase = [statistics.median(t) for t in split["device"].get(baseline, [])]
+            row.update(device_ms=statistics.median([x for t in dev for x in t]), device_round_ms=dmeds,
+                       host_ms=statistics.median([x for t in split["host"][name] for x in t]),
+                       host_blocked=sum(h >= lead for hs, lead in zip(split["host"][name], split["lead"][name])
+                                        for h in hs))
+            if dbase and len(dbase) == len(dmeds):
+                dr = [m / b for m, b in zip(dmeds, dbase)]
+                row.update(device_ratio=statistics.median(dr), device_ratio_min=min(dr), device_ratio_max=max(dr))
+        rows.append(row)
+    return rows
 
 
 def training_step(spec: dict, device: torch.device, *, lora: bool, seq: int, checkpointing: bool,
-                  warmup: int, reps: int) -> list[dict]:
-    """ms per step (median) and peak memory of each variant on one model, batch 1 × seq."""
+                  warmup: int, reps: int, rounds: int = 3, deadline: float | None = None,
+                  min_rounds: int = 3, split: bool = True, profile: bool = False,
+                  before: bool = False) -> list[dict]:
+    """Interleaved ms per step of each variant on one model, batch 1 × seq (see the module
+    docstring for split, profile and before)."""
     model = build_llama(spec, device, seq)
     if checkpointing:
         _checkpointing(model)
@@ -111,45 +219,108 @@ def training_step(spec: dict, device: torch.device, *, lora: bool, seq: int, che
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens = torch.randint(0, spec["vocab"], (1, seq), device=device)
-    # Untimed forward/backward passes first: otherwise the first variant (AdamW, the baseline of
-    # every ratio) pays for the GEMM heuristics and the allocator's growth (session 2 saw AdamW's
-    # 7B LoRA step at 462 ms in one run and 393 ms in the next).
-    for _ in range(warmup):
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        model.zero_grad(set_to_none=True)
-    out = []
-    variants = lora_variants(device.type == "cuda") if lora else full_variants(device.type == "cuda")
-    for name, factory in variants:
-        row = {"variant": name, "params": total, "trainable": trainable, "seq": seq,
-               "checkpointing": checkpointing}
-        opt = pen = None
-        try:
-            opt, pen = factory(model)
+    cuda = device.type == "cuda"
+    variants = lora_variants(model, cuda, before) if lora else full_variants(model, cuda, before)
 
-            def step():
-                loss = model(input_ids=tokens, labels=tokens).loss
-                if pen is not None:
-                    loss = loss + pen()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+    def make(opt, pen, every, fold):
+        count = [0]
 
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            row["ms"] = timed(step, device, warmup, reps)
-            if device.type == "cuda":
-                row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        model.zero_grad(set_to_none=True)
-        del opt, pen
-        free()
-        out.append(row)
-        print(f"    {name:48s} {row.get('ms', float('nan')):9.1f} ms  {row.get('error', '')}", flush=True)
-    base = out[0].get("ms")
+        def step():
+            fused_mod.FOLD_TURN = fold
+            loss = model(input_ids=tokens, labels=tokens).loss
+            if pen is not None and count[0] % every == 0:   # lazy: weight every·λ on those steps
+                value = pen()
+                loss = loss + (value * every if every > 1 else value)
+            count[0] += 1
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            fused_mod.FOLD_TURN = True
+        return step
+
+    steps = [(name, make(opt, pen, every, fold)) for name, opt, pen, every, fold in variants]
+    sp: dict | None = {} if split else None
+    try:
+        times = interleaved(steps, device, rounds=rounds, warmup=warmup, reps=reps, deadline=deadline,
+                            min_rounds=min_rounds, split=sp)
+        profiles = profile_steps(steps, device) if profile else {}
+    finally:
+        fused_mod.FOLD_TURN = True
+    out = summarise(times, steps[0][0], sp)
     for row in out:
-        if base and "ms" in row:
-            row["overhead_vs_adamw"] = row["ms"] / base - 1
-    del model, tokens
+        row.update(params=total, trainable=trainable, seq=seq, checkpointing=checkpointing)
+        if row["variant"] in profiles:
+            row["profile"] = profiles[row["variant"]]
+        spread = f"[{row.get('ratio_min', 0) - 1:+.1%}, {row.get('ratio_max', 0) - 1:+.1%}]" if "ratio" in row else ""
+        dev = (f"  device {row['device_ms']:8.1f} ms {row.get('device_ratio', 1) - 1:+.1%} "
+               f"[{row.get('device_ratio_min', 1) - 1:+.1%}, {row.get('device_ratio_max', 1) - 1:+.1%}]"
+               f"  host {row['host_ms']:7.1f} ms" if "device_ms" in row else "")
+        print(f"    {row['variant']:44s} {row['ms']:9.1f} ms  {row.get('overhead_vs_adamw', 0):+.1%} {spread}{dev}",
+              flush=True)
+    model.zero_grad(set_to_none=True)
+    del model, tokens, variants, steps
     free()
+    return out
+
+
+KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("penalty", ("_row_sums", "_row_grad", "_lora_proj")),
+    ("optimizer", ("_step_kernel", "_step_turn", "_dot_kernel", "_row_turn", "_sums_kernel", "_axpby",
+                   "fused_adam", "FusedAdam", "multi_tensor", "adam")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "splitK")),
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn")),
+    ("copy/memset", ("Memcpy", "Memset", "memcpy", "memset")),
+)
+
+
+def _kind(name: str) -> str:
+    for kind, keys in KINDS:
+        if any(k in name for k in keys):
+            return kind
+    return "other"
+
+
+def profile_steps(steps: list[tuple[str, object]], device: torch.device) -> dict[str, dict]:
+    """One step per variant (after one untimed) under torch.profiler: GPU kernel ms by kind, the
+    number of kernels, the top kernels by time, and the host syncs the step made."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    for name, fn in steps:
+        try:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=acts) as prof:
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            kinds: dict[str, float] = {}
+            per_kernel: dict[str, list] = {}
+            syncs = launches = 0
+            for e in prof.events():
+                dev = str(getattr(e, "device_type", "")).endswith("CUDA")
+                if dev:
+                    us = e.time_range.elapsed_us()
+                    k = _kind(e.name)
+                    kinds[k] = kinds.get(k, 0.0) + us / 1e3
+                    acc = per_kernel.setdefault(e.name[:90], [0, 0.0])
+                    acc[0] += 1
+                    acc[1] += us / 1e3
+                elif "Synchronize" in e.name:
+                    syncs += 1
+                elif "LaunchKernel" in e.name or e.name.startswith("cuLaunch"):
+                    launches += 1
+            top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:10]
+            # less the synchronize that closes the profiled step (ours, not the step's)
+            syncs -= device.type == "cuda" and syncs > 0
+            out[name] = {"kernel_ms": sum(kinds.values()), "by_kind_ms": kinds,
+                         "kernels": sum(c for c, _ in per_kernel.values()), "launch_calls": launches,
+                         "host_syncs": syncs, "top": [[k, c, ms] for k, (c, ms) in top],
+                         "by_kernel": {k: [c, ms] for k, (c, ms) in per_kernel.items()}}
+        except Exception as e:  # the profiler is a diagnostic: its failure keeps the timings
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"    profile {name:36s} " + (f"{out[name]['kernel_ms']:8.1f} ms in {out[name]['kernels']} kernels, "
+              f"{out[name]['host_syncs']} syncs" if "error" not in out[name] else out[name]["error"]), flush=True)
     return out

@@ -42,18 +42,22 @@ class DemoSizes:
     batch_size: int
 
 
-# `time dirtune demo` on an idle 2-core machine: FULL 62-74 s, QUICK 9 s (budgets: 3 min and
-# 40 s); processes competing for the cores stretch this several times.
+# FULL: 200 pretraining steps and 2 x 100 fine-tuning steps. The sizes before (300 and 2 x 150
+# steps, checkpoints with optimizer state) took 72 s under `time` on an idle 2-core machine
+# (38 s pretraining, 14 s per fine-tune: docs/demo/ at commit 3ca1023); this is about two
+# thirds of that work (the budget: 90 s). QUICK (tests) ~9 s. Processes competing for the cores
+# stretch every phase several times; the progress bars show it.
 FULL = DemoSizes(n_people=48, n_source_train=1500, n_source_valid=60, hidden=96, layers=3,
-                 source_steps=300, source_len=256, source_eval_every=100,
-                 task_steps=150, task_eval_every=10, batch_size=16)
+                 source_steps=200, source_len=256, source_eval_every=50,
+                 task_steps=100, task_eval_every=10, batch_size=16)
 QUICK = DemoSizes(n_people=24, n_source_train=400, n_source_valid=30, hidden=64, layers=2,
                   source_steps=80, source_len=128, source_eval_every=40,
                   task_steps=30, task_eval_every=10, batch_size=8)
 
 # One learning rate per method, each the one with the lowest best validation loss of a grid
-# {3e-4, 1e-3, 3e-3, 1e-2} run once offline on the FULL demo, seed 0 (AdamW: 1e-3, the method:
-# 3e-3). Not swept per run: that is what `dirtune bench` does, with several seeds.
+# {3e-4, 1e-3, 3e-3, 1e-2} run once on the FULL demo's own source model, seed 0 (AdamW: 1e-3,
+# the method: 3e-3): docs/demo/lr_grid.py and its output lr_grid.txt. Not swept per run: that is
+# what `dirtune bench` does, with several seeds.
 # Decay and turn strengths at the peak learning rate: a pull of eta*lambda*b_i = 0.03*b_i of the
 # way back to the pretrained weights per step (b_i ~ 1, the scale balance) and a turn of about
 # eta*lambda_dir = 0.03 of the angle to their direction per step.
@@ -76,10 +80,39 @@ METHODS = {
 
 
 def _common_overrides(seed: int) -> list[str]:
-    """What every demo run shares: CPU, fp32, full fine-tuning, quiet, re-runnable in place."""
-    return [f"train.seed={seed}", "train.device=cpu", "train.progress=false", "train.report_to=[none]",
-            "train.overwrite=true", "train.save_total_limit=1", "model.dtype=fp32",
-            "finetune.type=full", "finetune.train_embeddings=true", "train.drift_every=0"]
+    """What every demo run shares: CPU, fp32, full fine-tuning, a progress bar (steps, loss, ETA),
+    re-runnable in place. Checkpoints hold the weights alone: the demo never resumes, and saving
+    optimizer state at every improving evaluation would only cost time."""
+    return [f"train.seed={seed}", "train.device=cpu", "train.progress=true", "train.report_to=[none]",
+            "train.overwrite=true", "train.save_total_limit=1", "train.save_only_model=true",
+            "model.dtype=fp32", "finetune.type=full", "finetune.train_embeddings=true", "train.drift_every=0"]
+
+
+def task_overrides(run_dir: Path, files: dict, source_model: str, sizes: DemoSizes, seed: int) -> list[str]:
+    """A fine-tuning run of the demo, less the method's own keys (METHODS)."""
+    return _common_overrides(seed) + [
+        f"model.path={source_model}",
+        f"data.train_file={files['task_train']}", f"data.valid_file={files['task_valid']}",
+        f"data.test_file={files['task_test']}", f"data.forget_file={files['source_valid']}",
+        "data.format=alpaca", "data.template=plain", "data.max_length=256",
+        f"train.output_dir={run_dir}", f"train.max_steps={sizes.task_steps}",
+        f"train.batch_size={sizes.batch_size}", f"train.eval_batch_size={2 * sizes.batch_size}",
+        f"train.eval_every={sizes.task_eval_every}", "train.warmup_steps=10",
+        "train.lr_scheduler=cosine",
+    ]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during one of the demo's runs: the run saved and stopped; so does the demo."""
+
+
+def _train(cfg) -> dict:
+    from dirtune.train.runner import run_training
+
+    summary = run_training(cfg)
+    if summary.get("interrupted"):
+        raise Interrupted(summary["interrupted"])
+    return summary
 
 
 def _write_source_init(init_dir: Path, sizes: DemoSizes, tokenizer) -> None:
@@ -165,6 +198,16 @@ def _table(res: dict) -> str:
 
 
 def _plot(res: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _figure(res)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _figure(res: dict):
+    """Left: task validation loss of both runs, the target and where each first reaches it;
+    right: the loss on held-out source prose, whose rise is the forgetting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,21 +222,22 @@ def _plot(res: dict, path: Path) -> None:
         if r["forget_curve"]:
             ax2.plot(*zip(*r["forget_curve"]), marker=".", color=colour, label=r["label"])
         if r["steps_to_target"] is not None:
-            ax1.axvline(r["steps_to_target"], color=colour, lw=0.8, ls=":")
-    ax1.axhline(res["target"], color="gray", ls="--", lw=1, label=f"target (AdamW best) {res['target']:.3f}")
+            ax1.axvline(r["steps_to_target"], color=colour, lw=0.8, ls=":",
+                        label=f"{r['label']} first at the target (step {r['steps_to_target']})")
+    ax1.axhline(res["target"], color="gray", ls="--", lw=1, label=f"target = AdamW's best, {res['target']:.3f}")
     ax1.set_yscale("log")  # the race to the target happens in the tail
     plain = FuncFormatter(lambda y, _: f"{y:g}")
     ax1.yaxis.set_major_formatter(plain)
     ax1.yaxis.set_minor_formatter(plain)
     ax1.set(xlabel="step", ylabel="task validation loss (log scale)", title="fine-tuning: validation loss")
-    ax2.set(xlabel="step", ylabel="loss on held-out source prose", title="forgetting (higher = more)")
+    ax2.set(xlabel="step", ylabel="loss on held-out source prose",
+            title="forgetting: source-prose loss (higher = more forgotten)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"dirtune demo: {NOTE}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False) -> dict:
@@ -220,16 +264,17 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
     from dirtune.bench.metrics import steps_to_target
     from dirtune.data.synthetic import char_tokenizer, write_demo_data
     from dirtune.train.config import load_config
-    from dirtune.train.runner import run_training
 
     common = _common_overrides(seed)
 
+    print(f"dirtune demo ({'quick' if quick else 'full'}, seed {seed}) -> {out}")
+    print(f"      writing a world of {sizes.n_people} people: {sizes.n_source_train} paragraphs of prose "
+          "(the source domain) and a question-answer task about it", flush=True)
     files = write_demo_data(out / "data", seed=seed, n_people=sizes.n_people,
                             n_source_train=sizes.n_source_train, n_source_valid=sizes.n_source_valid)
     tokenizer = char_tokenizer()
     _write_source_init(out / "source_init", sizes, tokenizer)
 
-    print(f"dirtune demo ({'quick' if quick else 'full'}, seed {seed}) -> {out}")
     print(f"[1/3] pretraining a {sizes.layers}-layer, width-{sizes.hidden} LLaMA-2-architecture model "
           f"from scratch on the world's prose ({sizes.source_steps} steps)", flush=True)
     src_cfg = load_config(None, common + [
@@ -242,7 +287,7 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
         f"train.eval_every={sizes.source_eval_every}", "train.warmup_steps=20",
         "train.lr_scheduler=cosine",
     ])
-    src = run_training(src_cfg)
+    src = _train(src_cfg)
     src_curve, _ = _curves(out / "source")
     source_model = src["best_checkpoint"]
     source = {"dir": source_model, "untrained_valid_loss": src_curve[0][1] if src_curve else None,
@@ -254,17 +299,8 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
     results: dict = {}
     for i, (key, spec) in enumerate(METHODS.items(), start=2):
         print(f"[{i}/3] fine-tuning on the task with {spec['label']} ({sizes.task_steps} steps)", flush=True)
-        cfg = load_config(None, common + [
-            f"model.path={source_model}",
-            f"data.train_file={files['task_train']}", f"data.valid_file={files['task_valid']}",
-            f"data.test_file={files['task_test']}", f"data.forget_file={files['source_valid']}",
-            "data.format=alpaca", "data.template=plain", "data.max_length=256",
-            f"train.output_dir={out / key}", f"train.max_steps={sizes.task_steps}",
-            f"train.batch_size={sizes.batch_size}", f"train.eval_batch_size={2 * sizes.batch_size}",
-            f"train.eval_every={sizes.task_eval_every}", "train.warmup_steps=10",
-            "train.lr_scheduler=cosine",
-        ] + spec["overrides"])
-        summary = run_training(cfg)
+        cfg = load_config(None, task_overrides(out / key, files, source_model, sizes, seed) + spec["overrides"])
+        summary = _train(cfg)
         curve, forget_curve = _curves(out / key)
         start, end = summary["forget_loss_start"], summary["forget_loss_end"]
         results[key] = {

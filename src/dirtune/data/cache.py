@@ -24,17 +24,22 @@ _CACHE: "OrderedDict[str, DataBundle]" = OrderedDict()
 
 
 def _files(cfg_data: Any) -> list[str]:
+    """Every data path the config names (train/valid/test may each be a list of them)."""
     named = [path for _, path in parse_forget_files(getattr(cfg_data, "forget_files", None) or [])]
-    return [f for f in (cfg_data.train_file, cfg_data.valid_file, cfg_data.test_file,
-                        cfg_data.forget_file, *named) if f]
+    out = []
+    for value in (cfg_data.train_file, cfg_data.valid_file, cfg_data.test_file, cfg_data.forget_file, *named):
+        out += [str(v) for v in (value if isinstance(value, list) else [value]) if v]
+    return out
 
 
 def _stat(path: str) -> list:
+    """[path, size, mtime] of a file, or of every file in a folder (a saved dataset)."""
+    p = Path(path).expanduser()
     try:
-        st = Path(path).expanduser().resolve().stat()
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     except OSError:
         return [str(path), None]  # build_datasets will say what is wrong with it
-    return [str(Path(path).expanduser().resolve()), st.st_size, st.st_mtime_ns]
 
 
 def cache_key(cfg_data: Any, tokenizer: Any) -> str:

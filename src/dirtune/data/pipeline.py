@@ -17,6 +17,11 @@ Which split gets which data:
   * forget_<name>: each named set of data.forget_files (forget.py), cut the same way; its
     alpaca/chat records are measured on the responses only.
 For text, a record is a document; max_samples counts documents, not blocks.
+
+Each of train_file, valid_file and test_file may name several files (a list); they must share a
+format, and each is read and checked on its own (mixing.py): a held-out part by ratio takes its
+share of every file, and data.train_weights mixes the training files in given shares.
+data.columns (a record template) maps our field names to the files' own.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from typing import Any, Callable, Optional
 
 import datasets
 
+from dirtune.data import mixing
 from dirtune.data.forget import PREFIX, is_forget_split, load_forget_sets
-from dirtune.data.records import DataError, Example, Text, load_examples
-from dirtune.data.splits import split_records
+from dirtune.data.mixing import Group
+from dirtune.data.records import ACCEPTED_FILES, DataError, Text, load_examples
 from dirtune.data.templates import render, resolve_template
 from dirtune.data.tokenize import (Rows, collate, encode_documents, encode_examples, fit_length,
                                    pack, pad_id_of, special_ids, text_blocks)
@@ -72,6 +78,9 @@ class DataBundle:
             lines.append(f"  {name}: {s['rows']} rows, {s['tokens']:,} tokens ({s['labelled_tokens']:,} "
                          f"with loss) from {s['records']} records of {s['file']}; "
                          f"{s['truncated']} truncated, {s['rejected']} rejected")
+            if s.get("mix"):
+                lines.append("    mix (data.train_weights): " + ", ".join(
+                    f"{m['file']} {m['used']} drawn from {m['records']} records" for m in s["mix"]))
         return "\n".join(lines)
 
 
@@ -84,47 +93,56 @@ def build_datasets(cfg_data: Any, tokenizer: Any) -> DataBundle:
         if value is not None and value < 1:
             raise DataError(f"data.{key}: {value!r} is not valid; expected an integer >= 1 or null")
     special_ids(tokenizer)  # fail early on a tokenizer without EOS
+    columns = dict(getattr(cfg, "columns", None) or {})
 
-    train_path = _path(cfg.train_file, "data.train_file")
-    parts: dict[str, tuple[Path, str, list[Example]]] = {}
-    fmt, examples = load_examples(train_path, cfg.format)
-    records_read = len(examples)
+    fmt, train = _read(cfg.train_file, "data.train_file", cfg.format, columns)
+    records_read = mixing.total(train)
+    parts: dict[str, tuple[str, list[Group]]] = {}
     if cfg.test_ratio > 0 and not cfg.test_file:
         # a different seed from the validation split's, so the two hold-outs are not nested
-        examples, test = split_records(examples, cfg.test_ratio, cfg.seed + 1, train_path, "data.test_ratio")
-        parts["test"] = (train_path, fmt, test)
+        train, test = mixing.hold_out(train, cfg.test_ratio, cfg.seed + 1, "data.test_ratio")
+        parts["test"] = (fmt, test)
     if cfg.valid_file:
-        valid_path = _path(cfg.valid_file, "data.valid_file")
-        vfmt, valid = load_examples(valid_path, cfg.format)
-        records_read += len(valid)
-        parts["valid"] = (valid_path, vfmt, valid)
+        vfmt, valid = _read(cfg.valid_file, "data.valid_file", cfg.format, columns)
+        records_read += mixing.total(valid)
+        parts["valid"] = (vfmt, valid)
     elif cfg.valid_ratio > 0:
-        examples, valid = split_records(examples, cfg.valid_ratio, cfg.seed, train_path)
-        parts["valid"] = (train_path, fmt, valid)
-    parts = {"train": (train_path, fmt, examples[: cfg.max_samples]),
-             **{k: parts[k] for k in ("valid", "test") if k in parts}}
+        train, valid = mixing.hold_out(train, cfg.valid_ratio, cfg.seed, "data.valid_ratio")
+        parts["valid"] = (fmt, valid)
+    mix_report = None
+    weights = getattr(cfg, "train_weights", None)
+    if weights is not None:
+        # seed + 2: apart from the two hold-outs' seeds
+        train, mix_report = mixing.mix(train, weights, cfg.max_samples, cfg.seed + 2)
+    else:
+        train = mixing.head(train, cfg.max_samples)
+    parts = {"train": (fmt, train), **{k: parts[k] for k in ("valid", "test") if k in parts}}
     if "valid" in parts:
-        p, f, v = parts["valid"]
-        parts["valid"] = (p, f, v[: cfg.max_eval_samples])
-    for name, value, limit, file_fmt in (("test", cfg.test_file, None, cfg.format),
-                                         ("forget", cfg.forget_file, cfg.max_eval_samples, "auto")):
-        if value:
-            path = _path(value, f"data.{name}_file")
-            f, items = load_examples(path, file_fmt)
-            records_read += len(items)
-            parts[name] = (path, f, items[:limit])
+        f, v = parts["valid"]
+        parts["valid"] = (f, mixing.head(v, cfg.max_eval_samples))
+    if cfg.test_file:
+        f, items = _read(cfg.test_file, "data.test_file", cfg.format, columns)
+        records_read += mixing.total(items)
+        parts["test"] = (f, items)
+    if cfg.forget_file:
+        path = _path(cfg.forget_file, "data.forget_file")
+        f, items = load_examples(path, "auto", columns)
+        records_read += len(items)
+        parts["forget"] = (f, [(path, items[: cfg.max_eval_samples])])
     for name, path, f, items in load_forget_sets(getattr(cfg, "forget_files", None) or []):
         records_read += len(items)
-        parts[name] = (path, f, items[: cfg.max_eval_samples])
+        parts[name] = (f, [(path, items[: cfg.max_eval_samples])])
 
     sets, split_stats = {}, {}
-    for name, (path, f, items) in parts.items():
-        rows, split_stats[name] = _tokenise(name, path, f, items, cfg, tokenizer)
+    for name, (f, groups) in parts.items():
+        rows, split_stats[name] = _tokenise(name, groups, f, cfg, tokenizer)
         sets[name] = rows.to_dataset()
+    if mix_report is not None:
+        split_stats["train"]["mix"] = mix_report
     stats = {"format": fmt, "template": split_stats["train"]["template"], "records": records_read}
     stats.update({k: sum(s[k] for s in split_stats.values()) for k in COUNTS})
     stats["splits"] = split_stats
-    files = list(dict.fromkeys(path.resolve() for path, _, _ in parts.values()))
+    files = list(dict.fromkeys(f for _, groups in parts.values() for path, _ in groups for f in _files_of(path)))
     named = {k[len(PREFIX):]: v for k, v in sets.items() if k.startswith(PREFIX)}
     return DataBundle(train=sets["train"], valid=sets.get("valid"), test=sets.get("test"),
                       forget=sets.get("forget"), stats=stats, data_files=files, pad_id=pad_id_of(tokenizer),
@@ -133,13 +151,39 @@ def build_datasets(cfg_data: Any, tokenizer: Any) -> DataBundle:
 
 def _path(value: str, key: str) -> Path:
     if not value or not str(value).strip():
-        raise DataError(f"{key} is not set; give a .json, .jsonl or .txt file")
+        raise DataError(f"{key} is not set; give a data file ({ACCEPTED_FILES}) or a list of them")
     return Path(value).expanduser()
 
 
-def _tokenise(name: str, path: Path, fmt: str, items: list[Example], cfg: Any, tokenizer: Any) -> tuple[Rows, dict]:
-    """One split's rows and counts."""
-    stats = {"file": str(path), "format": fmt, "template": None, "records": len(items),
+def _read(value: Any, key: str, fmt: str, columns: dict) -> tuple[str, list[Group]]:
+    """One split's files (a path or a list of paths) as groups, checked to share one format."""
+    paths = [_path(v, key) for v in (value if isinstance(value, list) else [value])]
+    if not paths:
+        raise DataError(f"{key} is not set; give a data file ({ACCEPTED_FILES}) or a list of them")
+    groups: list[Group] = []
+    found = None
+    for path in paths:
+        f, items = load_examples(path, fmt, columns)
+        if found is not None and f != found:
+            raise DataError(f"{key}: {paths[0]} holds {found} records but {path} holds {f} records; "
+                            "the files of one split must share one format")
+        found = f
+        groups.append((path, items))
+    return found, groups
+
+
+def _files_of(path: Path) -> list[Path]:
+    """The files to hash for the manifest: the file itself, or a saved dataset folder's files."""
+    path = path.resolve()
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _tokenise(name: str, groups: list[Group], fmt: str, cfg: Any, tokenizer: Any) -> tuple[Rows, dict]:
+    """One split's rows and counts; each file is rendered and length-checked on its own, so that
+    messages name it."""
+    items = [e for _, group in groups for e in group]
+    source = ", ".join(str(path) for path, _ in groups)
+    stats = {"file": source, "format": fmt, "template": None, "records": len(items),
              "truncated": 0, "rejected": 0}
     if fmt == "text":
         docs = [t.text for t in items if isinstance(t, Text) and t.text.strip()]
@@ -147,22 +191,27 @@ def _tokenise(name: str, path: Path, fmt: str, items: list[Example], cfg: Any, t
         stats["examples"] = len(docs)
         rows = text_blocks(encode_documents(tokenizer, docs), special_ids(tokenizer)[1], cfg.max_length)
     else:
-        template = resolve_template(fmt, cfg.template, tokenizer, path)
-        segments = [render(e, template, tokenizer, path) for e in items]
-        # llama2/plain place BOS/EOS by id, so '</s>' typed in a record stays text; a chat template
-        # writes its special tokens as text, so there they must be parsed (as transformers does).
+        template = resolve_template(fmt, cfg.template, tokenizer, groups[0][0])
         # a named forget set measures the responses alone (forget.py), whatever training does
         on_prompt = cfg.train_on_prompt and not name.startswith(PREFIX)
-        pairs = encode_examples(tokenizer, segments, on_prompt, split_special=template != "tokenizer",
-                                max_length=cfg.max_length)
-        pairs, stats["truncated"], stats["rejected"] = fit_length(
-            pairs, [e.line for e in items], cfg.max_length, cfg.overlong, path)
+        pairs = []
+        for path, group in groups:
+            segments = [render(e, template, tokenizer, path) for e in group]
+            # llama2/plain place BOS/EOS by id, so '</s>' typed in a record stays text; a chat template
+            # writes its special tokens as text, so there they must be parsed (as transformers does).
+            encoded = encode_examples(tokenizer, segments, on_prompt, split_special=template != "tokenizer",
+                                      max_length=cfg.max_length)
+            kept, truncated, rejected = fit_length(encoded, [e.line for e in group], cfg.max_length,
+                                                   cfg.overlong, path)
+            pairs += kept
+            stats["truncated"] += truncated
+            stats["rejected"] += rejected
         stats["template"], stats["examples"] = template, len(pairs)
         rows = Rows.from_pairs(pack(pairs, cfg.max_length) if cfg.packing and name == "train" else pairs)
     if is_forget_split(name):
         rows = rows.head(cfg.max_eval_samples)
     if len(rows) == 0:
-        raise DataError(f"{path}: the {name} split has no usable example ({len(items)} records, "
+        raise DataError(f"{source}: the {name} split has no usable example ({len(items)} records, "
                         f"{stats['rejected']} rejected); check the file or data.max_length")
     stats.update(rows=len(rows), tokens=rows.num_tokens, labelled_tokens=rows.num_labelled)
     return rows, stats

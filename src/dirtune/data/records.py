@@ -15,7 +15,10 @@ cannot name the missing field. The checked examples are turned into `datasets.Da
 after tokenisation (`pipeline.py`).
 
 Accepted files: .json (an array of objects, or one object per line), .jsonl, .txt, each
-optionally compressed as .xz. Every problem raises `DataError`, never another exception.
+optionally compressed as .xz; and tables read through `datasets` (tables.py): .parquet, .arrow,
+and folders written by `Dataset.save_to_disk`, whose records are numbered by row. A record
+template (`columns`) maps the field names above to the names a user's files use. Every problem
+raises `DataError`, never another exception.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Record:
     fields: dict
-    line: int  # 1-based line of the file where the record starts
+    line: int  # 1-based line of the file where the record starts (row, for a table)
+    unit: str = "line"
+
+    @property
+    def at(self) -> str:
+        """Where the record is, for messages: 'line 3', or 'row 3' in a table."""
+        return f"{self.unit} {self.line}"
 
 
 @dataclass(frozen=True)
@@ -63,22 +72,37 @@ FORMATS = ("alpaca", "chat", "text")
 ROLES = ("system", "user", "assistant")
 ACCEPTED_FIELDS = ("'messages' (chat), 'instruction' + 'output' (alpaca), "
                    "'question' + 'answer' (GSM8K, read as alpaca), 'text' (text)")
+ACCEPTED_FILES = ".json, .jsonl, .txt, .parquet, .arrow (the first three may be .xz-compressed)"
+# data.columns keys: our field names, the names inside a message, and the role values
+COLUMN_KEYS = ("instruction", "input", "output", "messages", "text", "role", "content",
+               "system", "user", "assistant")
+Columns = dict[str, str]
 _WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
 # ---------------------------------------------------------------- files -> records
 
 def file_kind(path: str | Path) -> str:
-    """'json' for .json/.jsonl, 'text' for .txt (a trailing .xz is allowed); else DataError."""
-    name = Path(path).name.lower()
+    """'json' for .json/.jsonl, 'text' for .txt (a trailing .xz is allowed), 'parquet', 'arrow',
+    'saved' for a save_to_disk folder; else DataError naming what the path is."""
+    p = Path(path)
+    if p.is_dir():
+        from dirtune.data.tables import is_saved_dataset
+
+        if is_saved_dataset(p):
+            return "saved"
+        raise DataError(f"{p}: is a directory, not a data file; accepted: {ACCEPTED_FILES}; "
+                        "or a folder written by datasets' save_to_disk")
+    name = p.name.lower()
+    if name.endswith((".parquet", ".arrow")):
+        return name.rsplit(".", 1)[1]
     if name.endswith(".xz"):
         name = name[:-3]
     if name.endswith((".json", ".jsonl")):
         return "json"
     if name.endswith(".txt"):
         return "text"
-    raise DataError(f"{path}: unsupported file type; accepted: .json, .jsonl, .txt "
-                    "(each optionally compressed as .xz)")
+    raise DataError(f"{path}: unsupported file type; accepted: {ACCEPTED_FILES}")
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -102,7 +126,13 @@ def read_bytes(path: str | Path) -> bytes:
 
 def read_records(path: str | Path) -> list[Record]:
     """All records of one file, in file order; DataError if there is none."""
+    if not Path(path).exists():
+        raise DataError(f"{path}: not found")
     kind = file_kind(path)
+    if kind in ("parquet", "arrow", "saved"):
+        from dirtune.data.tables import table_records
+
+        return table_records(path, kind)
     return records_from_bytes(read_bytes(path), path, kind)
 
 
@@ -228,28 +258,31 @@ def _short(e: BaseException) -> str:
 
 # ---------------------------------------------------------------- records -> examples
 
-def detect_format(record: Record, source: str | Path) -> str:
+def detect_format(record: Record, source: str | Path, columns: Columns | None = None) -> str:
     """The format the keys of `record` (the file's first) announce; DataError if none does."""
     keys = record.fields.keys()
-    if "messages" in keys:
+    col = (columns or {}).get
+    if col("messages", "messages") in keys:
         return "chat"
-    if "instruction" in keys or {"question", "answer"} <= keys:
+    if col("instruction", "instruction") in keys or {"question", "answer"} <= keys:
         return "alpaca"
-    if "text" in keys:
+    if col("text", "text") in keys:
         return "text"
     seen = ", ".join(repr(k) for k in list(keys)[:12]) or "none"
-    raise DataError(f"{source}: line {record.line}: cannot tell the format from the keys ({seen}); "
-                    f"accepted: {ACCEPTED_FIELDS}")
+    hint = "" if columns else "; or name your fields with data.columns (e.g. {instruction: prompt, output: response})"
+    raise DataError(f"{source}: {record.at}: cannot tell the format from the keys ({seen}); "
+                    f"accepted: {ACCEPTED_FIELDS}{hint}")
 
 
-def load_examples(path: str | Path, fmt: str = "auto") -> tuple[str, list[Example]]:
-    """Read and check one file: (format, examples). `fmt` is 'auto' or one of FORMATS."""
+def load_examples(path: str | Path, fmt: str = "auto", columns: Columns | None = None) -> tuple[str, list[Example]]:
+    """Read and check one file: (format, examples). `fmt` is 'auto' or one of FORMATS; `columns`
+    maps our field names to the file's (data.columns)."""
     records = read_records(path)
-    return to_examples(records, path, fmt, is_txt=file_kind(path) == "text")
+    return to_examples(records, path, fmt, is_txt=file_kind(path) == "text", columns=columns)
 
 
 def to_examples(records: list[Record], source: str | Path, fmt: str = "auto",
-                is_txt: bool = False) -> tuple[str, list[Example]]:
+                is_txt: bool = False, columns: Columns | None = None) -> tuple[str, list[Example]]:
     """Check every record against one format ('auto': the first record's keys decide)."""
     if fmt not in ("auto", *FORMATS):
         raise DataError(f"{source}: format {fmt!r} is not known; accepted: auto, {', '.join(FORMATS)}")
@@ -257,15 +290,20 @@ def to_examples(records: list[Record], source: str | Path, fmt: str = "auto",
         raise DataError(f"{source}: a .txt file holds plain text; format {fmt!r} needs .json or .jsonl")
     if not records:
         raise DataError(f"{source}: empty, no records")
+    cols = dict(columns or {})
+    if is_txt:
+        cols.pop("text", None)  # a .txt file is one document whatever the record template says
     if fmt == "auto":
-        fmt = "text" if is_txt else detect_format(records[0], source)
+        fmt = "text" if is_txt else detect_format(records[0], source, cols)
     if fmt == "alpaca":
-        gsm8k = "instruction" not in records[0].fields and {"question", "answer"} <= records[0].fields.keys()
-        examples = [_alpaca(r, source, gsm8k) for r in records]
+        first = records[0].fields
+        gsm8k = cols.get("instruction", "instruction") not in first and {"question", "answer"} <= first.keys()
+        examples = [_alpaca(r, source, gsm8k, cols) for r in records]
     elif fmt == "chat":
-        examples = [_chat(r, source) for r in records]
+        examples = [_chat(r, source, cols) for r in records]
     else:
-        examples = [Text(_field(r, "text", source, "text records need a 'text' string"), r.line) for r in records]
+        examples = [Text(_field(r, "text", source, "text records need a 'text' string", cols=cols), r.line)
+                    for r in records]
         return fmt, examples  # a blank document is dropped and counted as rejected (tokenize.py)
     for e in examples:
         _check_not_empty(e, source)
@@ -286,55 +324,63 @@ def _check_not_empty(e: Alpaca | Chat, source: str | Path) -> None:
 
 def _check_str(value: Any, key: str, r: Record, source: str | Path) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{source}: line {r.line}: field {key!r} must be a string, got {_kind_of(value)}")
+        raise DataError(f"{source}: {r.at}: field {key!r} must be a string, got {_kind_of(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # JSON allows a lone "\ud800" escape; no tokenizer does
-        raise DataError(f"{source}: line {r.line}: field {key!r} holds a lone surrogate "
+        raise DataError(f"{source}: {r.at}: field {key!r} holds a lone surrogate "
                         f"\\u{ord(value[e.start]):04x}, not valid Unicode text") from None
     return value
 
 
-def _field(r: Record, key: str, source: str | Path, need: str, optional: bool = False) -> str:
-    value = r.fields.get(key)
+def _field(r: Record, key: str, source: str | Path, need: str, optional: bool = False,
+           cols: Columns | None = None) -> str:
+    name = (cols or {}).get(key, key)  # the file's name for our field `key`
+    value = r.fields.get(name)
     if value is None:
         if optional:
             return ""
-        raise DataError(f"{source}: line {r.line}: missing field {key!r} ({need})")
-    return _check_str(value, key, r, source)
+        mapped = f"data.columns.{key}; " if name != key else ""
+        raise DataError(f"{source}: {r.at}: missing field {name!r} ({mapped}{need})")
+    return _check_str(value, name, r, source)
 
 
-def _alpaca(r: Record, source: str | Path, gsm8k: bool) -> Alpaca:
+def _alpaca(r: Record, source: str | Path, gsm8k: bool, cols: Columns) -> Alpaca:
     if gsm8k:  # GSM8K {question, answer}: the answer (reasoning + "#### N") is the response
         need = "GSM8K records need question, answer"
         return Alpaca(_field(r, "question", source, need), "", _field(r, "answer", source, need), r.line)
     need = "alpaca records need instruction, output; input optional"
-    return Alpaca(_field(r, "instruction", source, need), _field(r, "input", source, need, optional=True),
-                  _field(r, "output", source, need), r.line)
+    return Alpaca(_field(r, "instruction", source, need, cols=cols),
+                  _field(r, "input", source, need, optional=True, cols=cols),
+                  _field(r, "output", source, need, cols=cols), r.line)
 
 
-def _chat(r: Record, source: str | Path) -> Chat:
-    need = "chat records need messages: a list of {role, content}"
-    messages = r.fields.get("messages")
+def _chat(r: Record, source: str | Path, cols: Columns) -> Chat:
+    key, role_key, content_key = (cols.get(k, k) for k in ("messages", "role", "content"))
+    need = f"chat records need {key}: a list of {{{role_key}, {content_key}}}"
+    # role values as the file writes them (e.g. ShareGPT's human/gpt) -> ours
+    roles = {cols.get(role, role): role for role in ROLES}
+    messages = r.fields.get(key)
     if messages is None:
-        raise DataError(f"{source}: line {r.line}: missing field 'messages' ({need})")
+        raise DataError(f"{source}: {r.at}: missing field {key!r} ({need})")
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{source}: line {r.line}: field 'messages' must be a non-empty list "
-                        f"of {{role, content}} objects, got {_kind_of(messages)}")
+        raise DataError(f"{source}: {r.at}: field {key!r} must be a non-empty list "
+                        f"of {{{role_key}, {content_key}}} objects, got {_kind_of(messages)}")
     pairs = []
     for i, m in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(m, dict):
-            raise DataError(f"{source}: line {r.line}: {where} must be an object {{role, content}}, "
+            raise DataError(f"{source}: {r.at}: {where} must be an object {{{role_key}, {content_key}}}, "
                             f"got {_kind_of(m)}")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise DataError(f"{source}: line {r.line}: {where}: role {role!r} is not valid; "
-                            f"accepted: {', '.join(ROLES)}")
+        role, content = m.get(role_key), m.get(content_key)
+        if role not in roles:
+            hint = "" if cols else " (other role names: map them with data.columns, e.g. {user: human, assistant: gpt})"
+            raise DataError(f"{source}: {r.at}: {where}: {role_key} {role!r} is not valid; "
+                            f"accepted: {', '.join(roles)}{hint}")
         if content is None:
-            raise DataError(f"{source}: line {r.line}: {where}: missing field 'content'")
-        pairs.append((role, _check_str(content, f"{where}.content", r, source)))
+            raise DataError(f"{source}: {r.at}: {where}: missing field {content_key!r}")
+        pairs.append((roles[role], _check_str(content, f"{where}.{content_key}", r, source)))
     if not any(role == "assistant" for role, _ in pairs):
-        raise DataError(f"{source}: line {r.line}: no assistant message; chat records need at "
+        raise DataError(f"{source}: {r.at}: no assistant message; chat records need at "
                         "least one (the loss is on assistant turns)")
     return Chat(tuple(pairs), r.line)

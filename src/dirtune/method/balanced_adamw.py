@@ -187,7 +187,9 @@ class BalancedAdamW(Optimizer):
             uploads every anchor each step (anchor_dtype bytes per element over PCIe, e.g.
             2 bytes × 7e9 ≈ 14 GB ≈ 0.5 s per step for a 7B model in bf16).
         granularity: "row" (one turn per output row) or "tensor".
-        fused: True runs dirtune.method.fused (a separate module that must be installed).
+        fused: True runs the Triton kernels of dirtune.method.fused; None (with foreach=None)
+            takes them when every parameter is on CUDA and Triton imports
+            (update_rules.FUSED_BY_DEFAULT); False never.
     """
 
     def __init__(

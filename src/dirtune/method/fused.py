@@ -6,7 +6,9 @@ the number of tensors (kernels in dirtune.method.fused_kernels):
 
     balance "selective"   _dot_kernel      c_i = <g_i, θ_i − a_i> per tensor, then k_i on the device
     always                _step_kernel     θ ← lerp(θ, a, k_i) (or (1 − k_i)·θ); m, v; θ ← θ − η·m̂/(√v̂ + ε)
-    λ_dir > 0, "row"      _row_turn_kernel θ_r ← α_r·θ_r + β_r·θ0_r, one launch per weight shape
+    λ_dir > 0, "row"      _step_turn_kernel  the step, then θ_r ← α_r·θ_r + β_r·θ0_r, in one pass
+                          over the rows of each turned 2-D weight, one launch per weight shape
+                          (FOLD_TURN; else _step_kernel, then _row_turn_kernel as a second pass)
     λ_dir > 0, "tensor"   _sums_kernel + _axpby_kernel
 
 Per-tensor scalars (k_i, −η/(1 − β1^t), sqrt(1 − β2^t)) are computed on the host in float64
@@ -16,7 +18,8 @@ one table and uploaded once; "selective" keeps k_i on the device, so no step syn
 Bytes per element, bf16 θ/g/a, moments in dtype M (2 or 4 bytes):
     step            read θ, g, m, v, a: 6 + 2M,  write θ, m, v: 2 + 2M   (24 for fp32 M, 16 for bf16)
     + selective     read θ, g, a again: + 6
-    + turn "row"    read θ, θ0, write θ: + 6 (each row is read twice; the second read is mostly L2)
+    + turn "row"    folded: θ0 read in the step's pass, the just-written rows re-read from L2 and
+                    written again: + 2 at most (the two-pass path: read θ, θ0, write θ, + 6)
     + turn "tensor" read θ, θ0 twice, write θ: + 10
 torch.optim.AdamW(fused=True) moves 6 + 4M (22 with fp32 moments, 14 with bf16); anchor "zero"
 or "none" drops the anchor's 2.
@@ -61,6 +64,7 @@ BLOCK = 1024        # elements per loop iteration (8 per thread with 4 warps: 16
 NUM_WARPS = 4
 ROW_TILE = 2048     # elements per iteration of the row-turn kernel (ROWS × COLS)
 UPLOAD_BATCH = 1 << 28  # elements of CPU-held anchors uploaded at a time (512 MiB in bf16)
+FOLD_TURN = True    # the row turn inside the step of each turned weight (_step_turn_kernel)
 
 _CHUNK_CACHE: OrderedDict = OrderedDict()
 
@@ -133,12 +137,19 @@ def _aligned(*lists: list[Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for ts in lists for t in ts)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _fast(p: Tensor, g: Tensor, m: Tensor, v: Tensor, a: Tensor | None, r: Tensor | None) -> bool:
-    """The flat kernels need every tensor of a parameter contiguous and of the same size."""
-    same = [g, m, v] + [t for t in (a, r) if t is not None]
-    return (p.is_contiguous() and all(t.is_contiguous() and t.shape == p.shape for t in same)
-            and all(t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-                    for t in [p, *same]))
+    """The flat kernels need every tensor of a parameter contiguous and of the same size.
+    (A plain loop: this runs for every parameter at every step, on the host's critical path.)"""
+    if not p.is_contiguous() or p.dtype not in _KERNEL_DTYPES:
+        return False
+    shape = p.shape
+    for t in (g, m, v, a, r):
+        if t is not None and not (t.is_contiguous() and t.shape == shape and t.dtype in _KERNEL_DTYPES):
+            return False
+    return True
 
 
 def _fused_balanced_adamw(
@@ -263,12 +274,28 @@ def _group_step(ps, gs, ms, vs, steps, anchors, references, scales, *, lr, beta1
         coef[:n, 0] = k_dev.to(acc)
         coef[:n, 1] = (1 - k_dev).to(acc)
 
-    if n_chunks:
-        K._step_kernel[(n_chunks,)](
-            chunk_t, chunk_s, meta[5], meta[0], meta[1], meta[2], meta[3], meta[4], coef, coef[n],
-            G_TY=_tl(gs[0].dtype), M_TY=_tl(ms[0].dtype), V_TY=_tl(vs[0].dtype), A_TY=a_ty,
-            F64=acc == torch.float64, DECAY=decay, HAS_ANCHOR=has_anchor,
-            num_warps=NUM_WARPS, **tys)
+    step_kw = dict(G_TY=_tl(gs[0].dtype), M_TY=_tl(ms[0].dtype), V_TY=_tl(vs[0].dtype), A_TY=a_ty,
+                   F64=acc == torch.float64, DECAY=decay, HAS_ANCHOR=has_anchor, num_warps=NUM_WARPS)
+    # the row turn folded into the step of the 2-D weights it turns (one pass instead of two)
+    folded = ([i for i, p in enumerate(ps) if p.ndim == 2 and p.numel() > 0 and references[i] is not None]
+              if FOLD_TURN and direction_weight != 0 and granularity == "row" else [])
+    if not folded:
+        if n_chunks:
+            K._step_kernel[(n_chunks,)](chunk_t, chunk_s, meta[5], meta[0], meta[1], meta[2], meta[3],
+                                        meta[4], coef, coef[n], **step_kw, **tys)
+    else:
+        rest = [i for i in range(n) if i not in set(folded)]
+        if rest:
+            ct, cs, _ = _chunks([ps[i].numel() for i in rest], device)
+            sub = _table([[ts[i].data_ptr() for i in rest] for ts in (ps, gs, ms, vs, a_list)]
+                         + [[ps[i].numel() for i in rest]], device)
+            if len(ct):
+                K._step_kernel[(len(ct),)](ct, cs, sub[5], sub[0], sub[1], sub[2], sub[3], sub[4],
+                                           coef[_to_device(torch.tensor(rest), device)].contiguous(),
+                                           coef[n], **step_kw, **tys)
+        refs = {i: here(references[i]) for i in folded}
+        _step_turn(folded, ps, gs, ms, vs, a_list, refs, coef, n, acc, step_kw, aligned)
+        return
 
     if direction_weight != 0:
         two_d = [i for i, p in enumerate(ps) if p.ndim == 2 and p.numel() > 0]
@@ -277,6 +304,24 @@ def _group_step(ps, gs, ms, vs, steps, anchors, references, scales, *, lr, beta1
             _row_turn(ps, refs, coef[n + 1], acc)
         else:
             _tensor_turn(ps, refs, kappa, acc)
+
+
+def _step_turn(idx, ps, gs, ms, vs, a_list, refs, coef, n, acc, step_kw, aligned) -> None:
+    """Step and row turn of the 2-D weights idx, one launch per (shape, reference dtype)."""
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for i in idx:
+        by_shape[(tuple(ps[i].shape), refs[i].dtype)].append(i)
+    device = ps[0].device
+    for (shape, r_dtype), sel in by_shape.items():
+        rows, cols = shape
+        tables = _table([[ts[i].data_ptr() for i in sel] for ts in (ps, gs, ms, vs, a_list)]
+                        + [[refs[i].data_ptr() for i in sel], sel], device)
+        block_cols = min(BLOCK, triton.next_power_of_2(cols))
+        block_rows = min(max(1, ROW_TILE // block_cols), triton.next_power_of_2(rows))
+        K._step_turn_kernel[(triton.cdiv(rows, block_rows), len(sel))](
+            *tables[:6], tables[6], coef, coef[n], coef[n + 1], rows, cols, P_TY=_tl(ps[0].dtype),
+            R_TY=_tl(r_dtype), ACC=_tl(acc), ALIGNED=aligned and _aligned([refs[i] for i in sel]),
+            ROWS=block_rows, COLS=block_cols, **step_kw)
 
 
 def _row_turn(ps: list[Tensor], refs: dict[int, Tensor], kappa: Tensor, acc: torch.dtype) -> None:

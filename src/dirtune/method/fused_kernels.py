@@ -255,3 +255,82 @@ def _axpby_kernel(chunk_tensor, chunk_start, numels, p_addr, r_addr, coef,
         p = tl.load(p_ptr + offs, mask=mask).to(ACC)
         r = tl.load(r_ptr + offs, mask=mask).to(ACC)
         tl.store(p_ptr + offs, (p * alpha + r * beta).to(P_TY), mask=mask)
+
+
+@triton.jit
+def _step_turn_kernel(p_addr, g_addr, m_addr, v_addr, a_addr, r_addr, index, coef, hyper, kappa,
+                      rows, cols,
+                      P_TY: tl.constexpr, G_TY: tl.constexpr, M_TY: tl.constexpr, V_TY: tl.constexpr,
+                      A_TY: tl.constexpr, R_TY: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
+                      DECAY: tl.constexpr, HAS_ANCHOR: tl.constexpr, ALIGNED: tl.constexpr,
+                      ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The step of _step_kernel and the row turn of _row_turn_kernel in one pass over rows
+    [ROWS·pid0, +ROWS) of tensor pid1 (all tensors of one shape): the Adam step is stored
+    (rounded to θ's dtype, as in the two-pass path), the turn's row sums are taken from the
+    stored values, then each row is re-read (from L2: it was just written) and turned.
+    index[t]: the tensor's row of coef (k, 1 − k, −η/(1 − β1^t), sqrt(1 − β2^t))."""
+    t = tl.program_id(1)
+    p_ptr = _ptr(p_addr, t, P_TY, ALIGNED)
+    g_ptr = _ptr(g_addr, t, G_TY, ALIGNED)
+    m_ptr = _ptr(m_addr, t, M_TY, ALIGNED)
+    v_ptr = _ptr(v_addr, t, V_TY, ALIGNED)
+    r_ptr = _ptr(r_addr, t, R_TY, ALIGNED)
+    a_ptr = p_ptr
+    if HAS_ANCHOR:
+        a_ptr = _ptr(a_addr, t, A_TY, ALIGNED)
+    ti = tl.load(index + t)
+    k = tl.load(coef + 4 * ti)
+    one_minus_k = tl.load(coef + 4 * ti + 1)
+    neg_step_size = tl.load(coef + 4 * ti + 2)
+    sqrt_bc2 = tl.load(coef + 4 * ti + 3)
+    one_minus_beta1 = tl.load(hyper)
+    beta2 = tl.load(hyper + 1)
+    one_minus_beta2 = tl.load(hyper + 2)
+    eps = tl.load(hyper + 3)
+    rr = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rr < rows
+    base = rr.to(tl.int64) * cols
+    cc = tl.arange(0, COLS)
+    pp = tl.zeros([ROWS], dtype=ACC)
+    pr = tl.zeros([ROWS], dtype=ACC)
+    r2 = tl.zeros([ROWS], dtype=ACC)
+    for c0 in range(0, cols, COLS):
+        idx = base[:, None] + (c0 + cc)[None, :]
+        mask = row_ok[:, None] & ((c0 + cc) < cols)[None, :]
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(ACC)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(ACC)
+        if DECAY:
+            if HAS_ANCHOR:
+                a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(P_TY).to(ACC)
+                p = _lerp(p, a, k)
+            else:
+                p = p * one_minus_k
+        m = _lerp(m, g, one_minus_beta1)
+        v = v * beta2 + one_minus_beta2 * g * g
+        denom = _div(_sqrt(v, F64), sqrt_bc2, F64) + eps
+        p = (p + neg_step_size * _div(m, denom, F64)).to(P_TY)
+        tl.store(p_ptr + idx, p, mask=mask)
+        tl.store(m_ptr + idx, m.to(M_TY), mask=mask)
+        tl.store(v_ptr + idx, v.to(V_TY), mask=mask)
+        p = p.to(ACC)
+        r = tl.load(r_ptr + idx, mask=mask, other=0.0).to(ACC)
+        pp += tl.sum(p * p, axis=1)
+        pr += tl.sum(p * r, axis=1)
+        r2 += tl.sum(r * r, axis=1)
+    kap = tl.load(kappa)
+    norm = _sqrt(pp, F64)
+    norm0 = _sqrt(r2, F64)
+    one = tl.full([ROWS], 1.0, ACC)
+    inv_norm = tl.where(norm > 0, _div(one, tl.where(norm > 0, norm, one), F64), 0.0)
+    inv_norm0 = tl.where(norm0 > 0, _div(one, tl.where(norm0 > 0, norm0, one), F64), 0.0)
+    cos = pr * inv_norm * inv_norm0
+    alpha = (1.0 - kap * cos)[:, None]
+    beta = (kap * norm * inv_norm0)[:, None]
+    for c0 in range(0, cols, COLS):
+        idx = base[:, None] + (c0 + cc)[None, :]
+        mask = row_ok[:, None] & ((c0 + cc) < cols)[None, :]
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(ACC)
+        r = tl.load(r_ptr + idx, mask=mask, other=0.0).to(ACC)
+        tl.store(p_ptr + idx, (p * alpha + r * beta).to(P_TY), mask=mask)

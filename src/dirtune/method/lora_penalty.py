@@ -17,7 +17,14 @@ from collections.abc import Sequence
 import torch
 
 from dirtune.method import sharded
-from dirtune.method.penalty import EPS, _as_list, _check_floating, _check_granularity, _compute_dtype
+from dirtune.method.penalty import (
+    EPS,
+    _as_list,
+    _check_floating,
+    _check_granularity,
+    _compute_dtype,
+    fused_module,
+)
 
 
 def base_row_norms(base: torch.Tensor) -> torch.Tensor:
@@ -72,16 +79,20 @@ def _lora_one_minus_cos(n0, c, q, s, eps: float) -> torch.Tensor:
                        1 - u / torch.where(stable, one, den))
 
 
-def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype, norms) -> torch.Tensor:
-    """Per-layer `1 − cos` (L,) for L layers of identical shapes, batched (method.md §1).
+def _lora_sums(bases, As, Bs, scales, cd: torch.dtype, norms, pf=None):
+    """Per row (L, d): `n0 = ||W0_i||²`, `c = <W0_i, (BA)_i>`, `q = ||(BA)_i||²`, and s (a number
+    or (L, 1)), for L layers of identical shapes, batched (method.md §1).
 
     With `C = W0·Aᵀ` (d×r) and `G = A·Aᵀ` (r×r), row i has `c_i = Σ_j B_ij C_ij`,
-    `q_i = (B·G)_i · B_i`; the tensor values are the sums over rows (`Σ_i c_i = sum((BᵀW0)∘A)`,
+    `q_i = (B·G)_i · B_i`; tensor values are the sums over rows (`Σ_i c_i = sum((BᵀW0)∘A)`,
     `Σ_i q_i = sum((BᵀB)∘(AAᵀ))`). Memory beyond the inputs: O(L·r·(d + k)).
     """
     A = torch.stack([a.to(cd) for a in As])                     # (L, r, k)
     B = torch.stack([b.to(cd) for b in Bs])                     # (L, d, r)
-    C = _BaseProjection.apply(A, *bases)                        # (L, d, r)
+    if pf is not None and pf.lora_eligible(bases, A):
+        C = pf.lora_projection(A, bases)                        # (L, d, r), bases read as stored
+    else:
+        C = _BaseProjection.apply(A, *bases)
     n0 = torch.stack([base_row_norms(w) if n is None else n.to(cd) for w, n in zip(bases, norms)])  # (L, d)
     G = A @ A.transpose(1, 2)                                   # (L, r, r)
     c = (B * C).sum(-1)                                         # (L, d)
@@ -90,34 +101,20 @@ def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype, norms) -> to
         s = scales[0]                                           # the usual case: no tensor
     else:
         s = torch.tensor(scales, dtype=cd, device=A.device)[:, None]   # (L, 1)
+    return n0, c, q, s
+
+
+def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype, norms, pf=None) -> torch.Tensor:
+    """Per-layer `1 − cos` (L,) for L layers of identical shapes."""
+    n0, c, q, s = _lora_sums(bases, As, Bs, scales, cd, norms, pf)
     if rows:
         return _lora_one_minus_cos(n0, c, q, s, EPS).mean(-1)
     s = s[:, 0] if isinstance(s, torch.Tensor) else s
     return _lora_one_minus_cos(n0.sum(-1), c.sum(-1), q.sum(-1), s, EPS)
 
 
-def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row", *,
-                           base_sq_norms=None) -> torch.Tensor:
-    """The direction penalty of `W = W0 + s·B·A` against `W0`, without forming `B·A`.
-
-    Equal to `direction_penalty([W0 + s·B·A], [W0], granularity)` (to round-off), computed with
-    method.md's factored identities
-        `<W0, BA> = sum((BᵀW0)∘A)`, `||BA||² = sum((BᵀB)∘(AAᵀ))`,
-        `<W, W0> = n0 + s·c`, `||W||² = n0 + 2s·c + s²·q`   (per row for "row": C = W0·Aᵀ, G = AAᵀ)
-    and the cancellation-free `1 − cos = s²·(n0·q − c²)₊ / (√(n0·v)·(√(n0·v) + u))`.
-
-    base:   `W0` (d×k), frozen: a constant, never copied beyond a transient fp32 cast.
-    lora_A: `A` (r×k); lora_B: `B` (d×r); gradients flow to both by autograd.
-    scale:  `s` (a number).
-    base_sq_norms: optional `||W0 rows||²` (d,) per layer (`base_row_norms`): the bases are
-            frozen, so a caller that keeps these saves reading every base once more per call.
-    Each of these may instead be a list (one entry per layer; `scale` a number or a list):
-    layers of equal shapes are stacked and computed with batched matmuls, and the result is
-    the mean over all layers. fp32 math (float64 if an input is float64). At `B = 0` value and
-    gradients are exactly zero.
-    """
-    fn = "lora_direction_penalty"
-    rows = _check_granularity(fn, granularity)
+def _prepare(fn: str, base, lora_A, lora_B, scale, base_sq_norms):
+    """The checked arguments as lists, the compute dtype, and the layers grouped by shape."""
     bases = _as_list(fn, "base", base)
     As, Bs = _as_list(fn, "lora_A", lora_A), _as_list(fn, "lora_B", lora_B)
     if any(sharded.is_dtensor(t) for t in (*bases, *As, *Bs)):
@@ -161,9 +158,67 @@ def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row"
     # Group layers of identical shapes (and device) so that each group is one batched computation.
     groups: dict[tuple, list[int]] = {}
     for i, (w, a) in enumerate(zip(bases, As)):
-        groups.setdefault((tuple(w.shape), a.shape[0], w.device), []).append(i)
+        groups.setdefault((tuple(w.shape), a.shape[0], w.device, w.dtype), []).append(i)
+    return bases, As, Bs, scales, norms, cd, groups
+
+
+def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row", *,
+                           base_sq_norms=None, fused=None) -> torch.Tensor:
+    """The direction penalty of `W = W0 + s·B·A` against `W0`, without forming `B·A`.
+
+    Equal to `direction_penalty([W0 + s·B·A], [W0], granularity)` (to round-off), computed with
+    method.md's factored identities
+        `<W0, BA> = sum((BᵀW0)∘A)`, `||BA||² = sum((BᵀB)∘(AAᵀ))`,
+        `<W, W0> = n0 + s·c`, `||W||² = n0 + 2s·c + s²·q`   (per row for "row": C = W0·Aᵀ, G = AAᵀ)
+    and the cancellation-free `1 − cos = s²·(n0·q − c²)₊ / (√(n0·v)·(√(n0·v) + u))`.
+
+    base:   `W0` (d×k), frozen: a constant, never copied beyond a transient fp32 cast.
+    lora_A: `A` (r×k); lora_B: `B` (d×r); gradients flow to both by autograd.
+    scale:  `s` (a number).
+    base_sq_norms: optional `||W0 rows||²` (d,) per layer (`base_row_norms`): the bases are
+            frozen, so a caller that keeps these saves reading every base once more per call.
+    Each of these may instead be a list (one entry per layer; `scale` a number or a list):
+    layers of equal shapes are stacked and computed with batched matmuls, and the result is
+    the mean over all layers. fp32 math (float64 if an input is float64). At `B = 0` value and
+    gradients are exactly zero.
+    fused: None (default) computes `W0·Aᵀ` and its gradient with the Triton grouped GEMMs of
+    `penalty_fused` (each base read once per pass, in its own dtype) when the layers are on CUDA
+    and Triton imports; False keeps the per-layer fp32 cast below (the reference).
+    """
+    fn = "lora_direction_penalty"
+    rows = _check_granularity(fn, granularity)
+    bases, As, Bs, scales, norms, cd, groups = _prepare(fn, base, lora_A, lora_B, scale, base_sq_norms)
+    pf = fused_module(bases, fused, fn) if cd == torch.float32 else None
     terms = [_lora_group([bases[i].detach() for i in idx], [As[i] for i in idx],
-                         [Bs[i] for i in idx], [scales[i] for i in idx], rows, cd, [norms[i] for i in idx])
+                         [Bs[i] for i in idx], [scales[i] for i in idx], rows, cd, [norms[i] for i in idx], pf)
              for idx in groups.values()]
     values = terms[0] if len(terms) == 1 else torch.cat(terms)
     return values.mean()
+
+
+@torch.no_grad()
+def lora_angle_and_drift(base, lora_A, lora_B, scale, *, base_sq_norms=None, fused=None):
+    """Per layer, the tensor angle ∠(W0 + s·B·A, W0) in degrees and the relative drift
+    `||s·B·A|| / ||W0||`, from the factored sums (no B·A is formed): one read of each base.
+
+    Arguments as for `lora_direction_penalty` (lists of layers). Returns two (L,) tensors in
+    fp32 (float64 for float64 inputs) on the layers' device, equal to `angle_and_drift` of the
+    dense `W` to round-off; no host sync.
+    """
+    fn = "lora_angle_and_drift"
+    bases, As, Bs, scales, norms, cd, groups = _prepare(fn, base, lora_A, lora_B, scale, base_sq_norms)
+    pf = fused_module(bases, fused, fn) if cd == torch.float32 else None
+    angle = torch.empty(len(bases), dtype=cd, device=bases[0].device)
+    drift = torch.empty_like(angle)
+    for idx in groups.values():
+        n0, c, q, s = _lora_sums([bases[i].detach() for i in idx], [As[i] for i in idx],
+                                 [Bs[i] for i in idx], [scales[i] for i in idx], cd,
+                                 [norms[i] for i in idx], pf)
+        n0, c, q = n0.sum(-1), c.sum(-1), q.sum(-1)
+        s = s[:, 0] if isinstance(s, torch.Tensor) else s
+        one_minus_cos = _lora_one_minus_cos(n0, c, q, s, EPS)
+        where = torch.tensor(idx)
+        where = where.pin_memory().to(angle.device, non_blocking=True) if angle.is_cuda else where
+        angle[where] = torch.rad2deg(2 * torch.asin((one_minus_cos / 2).clamp(0, 1).sqrt()))
+        drift[where] = abs(s) * q.sqrt() / n0.sqrt().clamp_min(EPS)
+    return angle, drift

@@ -271,7 +271,25 @@ def _sharded_direction_penalty(ws: list, rs: list, rows: bool) -> torch.Tensor:
     return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
 
-def direction_penalty(weights, refs, granularity: str = "row") -> torch.Tensor:
+def fused_module(tensors: list, fused, fn: str):
+    """dirtune.method.penalty_fused when `fused` (None: every tensor on CUDA and Triton imports)
+    asks for the Triton path, else None. Imported here, lazily: the method imports only torch."""
+    if fused is False or (fused is None and not all(t.device.type == "cuda" for t in tensors)):
+        return None
+    try:
+        from dirtune.method import penalty_fused
+    except ImportError:
+        penalty_fused = None
+    if penalty_fused is None or not penalty_fused.available():
+        if fused:
+            raise ValueError(f"{fn}: fused=True needs Triton, which cannot be imported here; "
+                             "use fused=None or False")
+        return None
+    return penalty_fused
+
+
+def direction_penalty(weights, refs, granularity: str = "row", *, fused=None,
+                      into_grad: bool = False) -> torch.Tensor:
     """`R` (or `R_row`) of method.md §1: mean over tensors of `1 − cos(θ_i, θ0_i)`.
 
     weights: a tensor or a list/tuple of tensors `θ_i` (any float dtype; differentiable).
@@ -284,6 +302,13 @@ def direction_penalty(weights, refs, granularity: str = "row") -> torch.Tensor:
     `||u − u0||²/2` per row/tensor, with gradient `−(u0 − c·u)/||θ||` (divided by the number of
     rows and tensors); at `θ = θ0` value and gradient are zero, and the value is invariant to
     scaling a row/tensor of `θ` by a positive number.
+
+    fused: None (default) takes the Triton kernels of `penalty_fused` for granularity "row" when
+    every weight is a contiguous CUDA tensor and Triton imports; True asks for them (an error
+    where they cannot run); False keeps the plain-torch reference below.
+    into_grad: on the fused path, add the gradient to the weights' `.grad` at the end of
+    `loss.backward()` instead of handing it to autograd, where that is exact (single process,
+    leaf weights, a backward that accumulates into them); DirectionPenalty asks for it.
     """
     fn = "direction_penalty"
     rows = _check_granularity(fn, granularity)
@@ -301,6 +326,13 @@ def direction_penalty(weights, refs, granularity: str = "row") -> torch.Tensor:
                              f"shape {tuple(r.shape)}; a reference must have its weight's shape")
     if any(sharded.is_dtensor(w) for w in ws):
         return _sharded_direction_penalty(ws, [r.detach() for r in rs], rows)
+    pf = fused_module(ws, fused, fn) if rows else None
+    if pf is not None:
+        if pf.dense_eligible(ws, rs):
+            return pf.dense_values(ws, rs, EPS, into_grad).mean()
+        if fused:
+            raise ValueError(f"{fn}: fused=True needs contiguous weights and references on one "
+                             "CUDA device; use fused=None or False")
     terms = [_DenseDirection.apply(w, r.detach(), rows, EPS, None) for w, r in zip(ws, rs)]
     return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
@@ -326,6 +358,20 @@ def angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
     angle = torch.rad2deg(2 * torch.asin((val[0] / 2).clamp(0, 1).sqrt()))
     drift = torch.linalg.vector_norm(t.to(cd) - r.to(cd)) / m0[0]
     return angle, drift
+
+
+@torch.no_grad()
+def angles_and_drifts(weights: list, refs: list, *, fused=None):
+    """`angle_and_drift` of every pair as two (n,) tensors: on the fused path (see
+    `direction_penalty`) one read of each weight and reference, one launch per shape."""
+    fn = "angles_and_drifts"
+    pf = fused_module(list(weights), fused, fn) if weights else None
+    if pf is not None and pf.dense_eligible(list(weights), list(refs)):
+        return pf.dense_angle_drift(list(weights), [r.detach() for r in refs], EPS)
+    pairs = [angle_and_drift(w, r) for w, r in zip(weights, refs)]
+    dev = pairs[0][0].device if pairs else None
+    return (torch.stack([a.to(dev) for a, _ in pairs]) if pairs else torch.zeros(0),
+            torch.stack([d.to(dev) for _, d in pairs]) if pairs else torch.zeros(0))
 
 
 def _sharded_angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):

@@ -26,8 +26,8 @@ from collections import defaultdict
 import torch
 
 from dirtune.method import sharded
-from dirtune.method.lora_penalty import base_row_norms
-from dirtune.method.penalty import angle_and_drift, direction_penalty, lora_direction_penalty
+from dirtune.method.lora_penalty import base_row_norms, lora_angle_and_drift
+from dirtune.method.penalty import angles_and_drifts, direction_penalty, lora_direction_penalty
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -119,13 +119,19 @@ class DirectionPenalty(torch.nn.Module):
     reference_device: None/"same" (the weight's device) or e.g. "cpu". CPU references are moved
                  to the weight's device at every call, in forward and again in backward
                  (transiently, 2 bytes per element for bf16; pinned when CUDA is present).
+    fused:       None (default): the Triton kernels of dirtune.method.penalty_fused on CUDA (each
+                 weight and reference, or each frozen LoRA base, read once per pass); False: the
+                 plain-torch reference; True: the kernels or an error. On the fused path in one
+                 process the full weights' gradient is added to `.grad` at the end of
+                 `loss.backward()` (a `register_hook` on such a weight does not see that part).
 
     Attributes: `weight`, `granularity`, `names` (covered module names), `mode` ("lora",
     "full", or "mixed" when a LoRA model also has trainable target weights), `reference_bytes`.
     """
 
     def __init__(self, model: torch.nn.Module, weight: float, granularity: str = "row",
-                 targets=DEFAULT_TARGETS, reference_dtype=torch.bfloat16, reference_device=None):
+                 targets=DEFAULT_TARGETS, reference_dtype=torch.bfloat16, reference_device=None,
+                 fused=None):
         super().__init__()
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
                 0 <= float(weight) < float("inf")):
@@ -142,7 +148,10 @@ class DirectionPenalty(torch.nn.Module):
         ref_dtype = _resolve_dtype(reference_dtype)
         ref_device = None if reference_device in (None, "same") else torch.device(reference_device)
 
+        if fused not in (None, True, False):
+            raise ValueError(f"DirectionPenalty: fused={fused!r}; accepted: None, True, False")
         self.weight = float(weight)
+        self.fused = fused
         self.granularity = granularity
         self.targets = tuple(targets)
         self.names: list[str] = []
@@ -258,11 +267,13 @@ class DirectionPenalty(torch.nn.Module):
             if self._lora:
                 factors = self._lora_factors()
                 parts.append((lora_direction_penalty(*factors, self.granularity,
-                                                     base_sq_norms=self._base_norms(factors[0])),
+                                                     base_sq_norms=self._base_norms(factors[0]),
+                                                     fused=self.fused),
                               len(self._lora)))
             if self._full:
                 weights = self._weights()
-                parts.append((direction_penalty(weights, self._refs(weights), self.granularity),
+                parts.append((direction_penalty(weights, self._refs(weights), self.granularity,
+                                                fused=self.fused, into_grad=True),
                               len(self._full)))
         if len(parts) == 1:
             R = parts[0][0]
@@ -275,21 +286,30 @@ class DirectionPenalty(torch.nn.Module):
         """Per module type (`q_proj`, ...): mean tensor angle ∠(W, W0) in degrees and mean
         relative drift `||W − W0|| / ||W0||` over the covered tensors of that type.
 
-        For LoRA, `W = W0 + s·B·A` is formed densely (fp32, one layer at a time): this is a
-        metric for evaluation time, not for every step."""
-        per_type: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        if self._lora:
-            for (name, _, _), W0, A, B, s in zip(self._lora, *self._lora_factors()):
-                W = W0.float() + s * (B.float() @ A.float())
-                per_type[name.rsplit(".", 1)[-1]].append(angle_and_drift(W, W0))
-        weights = self._weights()
-        for (name, _), w, ref in zip(self._full, weights, self._refs(weights)):
-            per_type[name.rsplit(".", 1)[-1]].append(angle_and_drift(w, ref))
-        out = {}
-        for kind, pairs in per_type.items():
-            stats = torch.stack([torch.stack(p).float().cpu() for p in pairs]).mean(0).tolist()
-            out[kind] = {"angle_deg": stats[0], "drift": stats[1]}
-        return out
+        LoRA layers in factored form (`lora_angle_and_drift`: no B·A is formed, one read of each
+        base), full weights with one read of each weight and reference; one host sync in all."""
+        kinds, angles, drifts = [], [], []
+        device = (_base_weight(self._lora[0][1]) if self._lora else self._full[0][1].weight).device
+        with torch.autocast(device.type, enabled=False):
+            if self._lora:
+                factors = self._lora_factors()
+                a, d = lora_angle_and_drift(*factors, base_sq_norms=self._base_norms(factors[0]),
+                                            fused=self.fused)
+                kinds += [name.rsplit(".", 1)[-1] for name, _, _ in self._lora]
+                angles.append(a.float())
+                drifts.append(d.float())
+            if self._full:
+                weights = self._weights()
+                a, d = angles_and_drifts(weights, self._refs(weights), fused=self.fused)
+                kinds += [name.rsplit(".", 1)[-1] for name, _ in self._full]
+                angles.append(a.float().to(device))
+                drifts.append(d.float().to(device))
+        values = torch.stack([torch.cat(angles), torch.cat(drifts)]).cpu()   # the one sync
+        per_type: dict[str, list[int]] = defaultdict(list)
+        for i, kind in enumerate(kinds):
+            per_type[kind].append(i)
+        return {kind: {"angle_deg": values[0, idx].mean().item(), "drift": values[1, idx].mean().item()}
+                for kind, idx in per_type.items()}
 
     def extra_repr(self) -> str:
         return (f"weight={self.weight}, granularity={self.granularity!r}, mode={self.mode!r}, "

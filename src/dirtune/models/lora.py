@@ -106,7 +106,8 @@ def lora_param_groups(model: nn.Module, lr: float, weight_decay: float,
 def merge_lora(model) -> nn.Module:
     """The base model with the adapters folded into its weights (W0 + s·B·A), PEFT removed."""
     if not hasattr(model, "merge_and_unload"):
-        raise ModelError(f"merge_lora: {type(model).__name__} has no LoRA adapters to merge")
+        raise ModelError(f"the model ({type(model).__name__}) has no LoRA adapters to merge; "
+                         "give a LoRA adapter folder (with adapter_config.json)")
     return model.merge_and_unload()
 
 

@@ -30,6 +30,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# data.columns keys: our record fields, the fields inside a chat message, the role values
+COLUMN_KEYS = ("instruction", "input", "output", "messages", "text", "role", "content",
+               "system", "user", "assistant")
 
 
 @dataclass
@@ -56,10 +59,12 @@ class FinetuneConfig:
 
 @dataclass
 class DataConfig:
-    train_file: str = _f("", "JSON/JSONL (alpaca or chat) or .txt (plain text) training file")
-    valid_file: Optional[str] = _f(None, "validation file; if unset, valid_ratio of train_file")
+    train_file: Union[str, list[str]] = _f(
+        "", "training data: a .json/.jsonl (alpaca or chat), .txt (plain text), .parquet or .arrow file, "
+            "a save_to_disk folder, or a list of them")
+    valid_file: Optional[Union[str, list[str]]] = _f(None, "validation file(s); if unset, valid_ratio of train_file")
     valid_ratio: float = _f(0.05, "share of train_file held out for validation")
-    test_file: Optional[str] = _f(None, "optional test file, evaluated at the end")
+    test_file: Optional[Union[str, list[str]]] = _f(None, "optional test file(s), evaluated at the end")
     test_ratio: float = _f(0.0, "share of train_file held out as the test split (when test_file is unset)")
     forget_file: Optional[str] = _f(None, "text from the source domain: its loss measures forgetting")
     forget_files: list[str] = _f([], "named forget sets, 'name=path' each, evaluated beside valid as "
@@ -75,6 +80,12 @@ class DataConfig:
     max_samples: Optional[int] = _f(None, "use only the first N training records")
     max_eval_samples: Optional[int] = _f(None, "use only the first N validation records (and forget-text rows)")
     seed: int = _f(0, "seed of the validation split")
+    train_weights: Optional[list[float]] = _f(
+        None, "mixing weights, one per train_file: each file's share of the training records "
+              "(a file is subsampled or repeated to fit); null: every record of every file once")
+    columns: dict[str, str] = _f(
+        {}, "record template: our field name -> yours, e.g. {instruction: question, output: answer}; "
+            "keys: " + ", ".join(COLUMN_KEYS))
 
 
 @dataclass
@@ -89,6 +100,7 @@ class MethodConfig:
     reference_dtype: Literal["fp32", "bf16", "fp16", "same"] = _f(
         "bf16", "dtype of the stored pretrained references (full fine-tuning only)")
     reference_device: Literal["same", "cpu"] = _f("same", "where references/anchors live")
+    every: int = _f(1, "lazy regularization (coupled penalty): apply it every k steps with weight k*lambda_dir; 1 = every step")
 
 
 @dataclass
@@ -102,6 +114,8 @@ class OptimizerConfig:
     balance: Literal["none", "scale", "selective"] = _f("scale", "balanced_adamw: per-tensor b_i")
     anchor_dtype: Literal["fp32", "bf16", "fp16"] = _f("bf16", "balanced_adamw: anchor storage dtype")
     foreach: Optional[bool] = _f(None, "force the foreach (True) or single-tensor (False) path")
+    fused: Optional[bool] = _f(
+        None, "fused Triton step of balanced_adamw (true), not (false), or null = fused when every parameter is on CUDA and Triton imports")
 
 
 @dataclass
@@ -167,6 +181,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping of {} to {}".format(*(_type_name(a) for a in typing.get_args(tp)))
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -199,6 +215,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise bad
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -287,6 +308,7 @@ def validate(cfg: Config) -> Config:
         (0 <= cfg.data.test_ratio < 1, "data.test_ratio", cfg.data.test_ratio, "0 <= x < 1"),
         (cfg.data.max_length >= 2, "data.max_length", cfg.data.max_length, "an integer >= 2"),
         (cfg.method.direction_weight >= 0, "method.direction_weight", cfg.method.direction_weight, "a number >= 0"),
+        (cfg.method.every >= 1, "method.every", cfg.method.every, "an integer >= 1"),
         (cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "a number > 0"),
         (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay, "a number >= 0"),
         (len(cfg.optimizer.betas) == 2 and all(0 <= b < 1 for b in cfg.optimizer.betas),
@@ -342,6 +364,12 @@ def validate(cfg: Config) -> Config:
     if cfg.method.penalty != "none" and cfg.method.direction_weight == 0:
         raise ConfigError("method.direction_weight: 0 with method.penalty="
                           f"{cfg.method.penalty!r} does nothing; set a weight > 0 or penalty: none")
+    if cfg.method.every > 1 and cfg.method.penalty != "coupled":
+        raise ConfigError(f"method.every: {cfg.method.every} applies the coupled penalty every k steps; with "
+                          f"method.penalty: {cfg.method.penalty!r} there is none (the decoupled turn is part of "
+                          "the optimizer step); set penalty: coupled or every: 1")
+    if cfg.optimizer.fused and cfg.optimizer.foreach:
+        raise ConfigError("optimizer.fused: true and optimizer.foreach: true pick two paths; set one of them")
     if cfg.method.penalty == "decoupled" and cfg.optimizer.name != "balanced_adamw":
         raise ConfigError("method.penalty: 'decoupled' is applied by the optimizer; "
                           "it needs optimizer.name: balanced_adamw")
@@ -353,6 +381,7 @@ def validate(cfg: Config) -> Config:
                           "that, so it is not supported with finetune.use_dora=true")
     if cfg.finetune.type == "full" and (cfg.finetune.use_dora or cfg.finetune.loraplus_ratio):
         raise ConfigError("finetune.use_dora / finetune.loraplus_ratio apply to finetune.type: lora only")
+    _validate_data_mix(cfg.data)
     return cfg
 
 
@@ -383,6 +412,31 @@ def check_device(device: str) -> None:
                           "(torch.cuda.is_available() is False); use train.device=cpu, or auto to take a GPU when there is one")
 
 
+def _validate_data_mix(data: DataConfig) -> None:
+    """data.train_weights against data.train_file, and data.columns' keys and names."""
+    for key in ("train_file", "valid_file", "test_file"):
+        value = getattr(data, key)
+        if isinstance(value, list) and (not value or not all(v.strip() for v in value)):
+            raise ConfigError(f"data.{key}: {value!r} is not valid; expected a file or a non-empty list of files")
+    weights = data.train_weights
+    if weights is not None:
+        files = data.train_file if isinstance(data.train_file, list) else [data.train_file]
+        if len(weights) != len(files):
+            raise ConfigError(f"data.train_weights: {weights!r} has {len(weights)} weight(s) but data.train_file "
+                              f"names {len(files)} file(s); give one weight per file, in the same order")
+        if not all(w > 0 for w in weights):
+            raise ConfigError(f"data.train_weights: {weights!r} is not valid; expected numbers > 0 "
+                              "(leave a file out of data.train_file rather than weigh it 0)")
+    for ours, theirs in data.columns.items():
+        if ours not in COLUMN_KEYS:
+            close = difflib.get_close_matches(ours, COLUMN_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"data.columns: key {ours!r} is not known{hint}; accepted: {', '.join(COLUMN_KEYS)} "
+                              "(each mapped to the name your files use, e.g. {output: answer})")
+        if not theirs.strip():
+            raise ConfigError(f"data.columns.{ours}: {theirs!r} is not valid; expected the field name your files use")
+
+
 def from_dict(data: dict, source: str = "config") -> Config:
     try:
         return validate(_build(Config, data, ""))
@@ -393,6 +447,8 @@ def from_dict(data: dict, source: str = "config") -> Config:
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML file; every way it can fail is a ConfigError naming the file (and line)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; expected a YAML {what} (e.g. configs/small-full.yaml)")
     if not p.is_file():
         raise ConfigError(f"{p}: {what} not found")
     try:

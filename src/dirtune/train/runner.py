@@ -178,6 +178,8 @@ def _run_training(cfg: Config) -> dict:
     resume_step = None
     if resume_ckpt is not None:
         resume_step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
+        if is_main:
+            print(f"resuming from {resume_ckpt.name} of {resume_ckpt.parent} (step {resume_step})", file=sys.stderr)
     log = run_folder.MetricsLog(out / "metrics.jsonl", resume_step) if is_main else distributed.Unlogged()
     extra: dict = {}
     evals = {}

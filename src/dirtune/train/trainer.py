@@ -68,14 +68,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     if opt.name == "adamw":
         for g in groups:
             g.pop("direction_weight", None)
+        fused = {} if opt.fused is None else {"fused": opt.fused}   # null: torch's own default
         return torch.optim.AdamW(groups, lr=opt.lr, betas=betas, eps=opt.eps,
-                                 weight_decay=opt.weight_decay, foreach=opt.foreach)
+                                 weight_decay=opt.weight_decay, foreach=opt.foreach, **fused)
     # LoRA's A/B anchor at zero: B·A = 0 is the pretrained model (method.md §2).
     anchor = "zero" if cfg.finetune.type == "lora" and opt.anchor == "init" else opt.anchor
     device = "cpu" if cfg.method.reference_device == "cpu" else None
     return BalancedAdamW(groups, lr=opt.lr, betas=betas, eps=opt.eps, weight_decay=opt.weight_decay,
                          anchor=anchor, balance=opt.balance, anchor_dtype=DTYPES[opt.anchor_dtype],
-                         granularity=cfg.method.granularity, anchor_device=device, foreach=opt.foreach)
+                         granularity=cfg.method.granularity, anchor_device=device, foreach=opt.foreach,
+                         fused=opt.fused)
 
 
 class DirtuneTrainer(AtomicCheckpoints, Trainer):
@@ -106,22 +108,32 @@ class DirtuneTrainer(AtomicCheckpoints, Trainer):
         if model.training:
             self.last_loss = loss.detach()
             if self.penalty is not None:
-                pen = self.penalty()
+                # Lazy regularization (method.every = k, as StyleGAN2's): the penalty on steps
+                # 0, k, 2k, ... with weight k·lambda_dir, the same pull per k steps on average.
+                # k = 1 takes exactly the unlazy path (no multiplication), bitwise.
+                every = self.dirtune_cfg.method.every
+                apply = every == 1 or self.state.global_step % every == 0
+                pen = self.penalty() if apply else None
+                if pen is not None and every > 1:
+                    pen = pen * every
                 # The task loss here is either a micro-batch mean (Trainer divides by the
                 # accumulation steps afterwards) or already a share of the accumulated batch
                 # (normalised by num_items_in_batch): scale the penalty the same way so each
                 # optimizer step sees exactly lambda_dir * grad R.
                 if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                    pen = pen / self.current_gradient_accumulation_steps
                     scale = self.current_gradient_accumulation_steps
+                    pen = None if pen is None else pen / scale
                 else:
                     scale = 1
-                loss = loss + pen.to(loss.dtype)
+                if pen is not None:
+                    loss = loss + pen.to(loss.dtype)
                 if self._pen_step_seen != self.state.global_step:
                     self._pen_step_seen = self.state.global_step
                     # kept on the device: a float() here would stall the GPU before backward
-                    # at every step; log() reads it once per logging interval
-                    self._pen_sum = self._pen_sum + pen.detach().float() * scale
+                    # at every step; log() reads it once per logging interval. Steps a lazy
+                    # penalty skips count with 0, so the logged mean is what the loss carried.
+                    if pen is not None:
+                        self._pen_sum = self._pen_sum + pen.detach().float() * scale
                     self._pen_steps += 1
         return (loss, outputs) if return_outputs else loss
 

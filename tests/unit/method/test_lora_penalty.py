@@ -25,3 +25,22 @@ def test_given_base_norms_are_used_and_checked():
         lora_direction_penalty(base, A, B, 1.0, base_sq_norms=[n0[:15]])
     with pytest.raises(ValueError, match="got 2 base_sq_norms for 1 layers"):
         lora_direction_penalty(base, A, B, 1.0, base_sq_norms=[n0, n0])
+
+
+def test_factored_angle_and_drift_equal_the_dense_ones():
+    """lora_angle_and_drift never forms B·A; it matches angle_and_drift of W = W0 + s·B·A."""
+    from dirtune.method.lora_penalty import lora_angle_and_drift
+    from dirtune.method.penalty import angle_and_drift
+
+    g = torch.Generator().manual_seed(8)
+    shapes = [(16, 8), (16, 8), (8, 24)]
+    bases = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    As = [torch.randn(3, s[1], generator=g, dtype=torch.float64) for s in shapes]
+    Bs = [0.05 * torch.randn(s[0], 3, generator=g, dtype=torch.float64) for s in shapes]
+    Bs[1].zero_()                                     # B = 0: the pretrained weight, angle 0
+    angle, drift = lora_angle_and_drift(bases, As, Bs, [0.5, 0.5, 2.0])
+    for i, (w, a, b, s) in enumerate(zip(bases, As, Bs, [0.5, 0.5, 2.0])):
+        want_angle, want_drift = angle_and_drift(w + s * b @ a, w)
+        assert float(angle[i]) == pytest.approx(float(want_angle), rel=1e-9, abs=1e-12)
+        assert float(drift[i]) == pytest.approx(float(want_drift), rel=1e-9, abs=1e-15)
+    assert float(angle[1]) == 0.0 and float(drift[1]) == 0.0
