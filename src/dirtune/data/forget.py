@@ -10,7 +10,8 @@ the validation split at every evaluation; the rise of its loss is what the model
 
 data.max_eval_samples caps each set: its first N records, then its first N rows (a text file's
 documents can be long, so the cut is on what is evaluated). Each set is logged as
-`forget_<name>_loss`; the legacy data.forget_file stays `forget_loss`.
+`forget_<name>_loss`; the legacy data.forget_file stays `forget_loss`. data.columns (the task
+files' own field names) does not apply: a forget set is another file, in a standard format.
 """
 
 from __future__ import annotations

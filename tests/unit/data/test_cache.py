@@ -60,3 +60,15 @@ def test_only_the_last_few_are_kept(tmp_path, saved_tok):
              for i in range(cache.KEEP + 1)]
     assert cache.build_datasets_cached(DataConfig(train_file=str(f), max_length=16 + cache.KEEP), saved_tok) is built[-1]
     assert cache.build_datasets_cached(DataConfig(train_file=str(f), max_length=16), saved_tok) is not built[0]
+
+
+def test_several_training_files_are_all_in_the_key(tmp_path, saved_tok):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_rows(10)))
+    b.write_text(json.dumps(_rows(10, "a")))
+    cfg = DataConfig(train_file=[str(a), str(b)], max_length=32)
+    first = cache.build_datasets_cached(cfg, saved_tok)
+    assert cache.build_datasets_cached(cfg, saved_tok) is first
+    b.write_text(json.dumps(_rows(12, "a")))
+    os.utime(b, ns=(1, 1))
+    assert cache.build_datasets_cached(cfg, saved_tok) is not first
