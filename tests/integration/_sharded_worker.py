@@ -1,9 +1,10 @@
-"""One rank of the 2-process CPU (gloo) checks of tests/integration/test_distributed.py.
+"""One rank of the CPU (gloo) checks of tests/integration/test_distributed.py, on 2 or 4 ranks.
 
-Run as `python _sharded_worker.py RANK WORLD PORT OUT_JSON`. Every check compares a sharded
-computation (FSDP2 `fully_shard` / DTensors `Shard(0)`) with the same computation on whole
-tensors in this process, and records the largest difference (reduced with MAX over ranks, so
-both ranks agree); rank 0 writes {check: value} to OUT_JSON. The test module asserts on them.
+Run as `python _sharded_worker.py RANK WORLD PORT OUT_JSON [CHECKS]` (CHECKS: comma-separated
+names of the check_* functions below without the prefix; default all). Every check compares a
+sharded computation (FSDP2 `fully_shard` / DTensors `Shard(0)`) with the same computation on
+whole tensors in this process, and records the largest difference (reduced with MAX over ranks,
+so all ranks agree); rank 0 writes {check: value} to OUT_JSON. The test module asserts on them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def randn(*shape, seed: int, dtype=F64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-# Shapes with uneven shards (5 rows: 3 + 2), a single row (rank 1 holds none) and a 1-D tensor.
+# Shapes with uneven shards, a single row and a 1-D tensor. Over 2 ranks: 5 rows as 3 + 2, and
+# rank 1 holds no row of (1, 4). Over 4: 5 rows as 2 + 2 + 1 + 0 (torch.chunk's layout), 7 as
+# 2 + 2 + 2 + 1, and ranks 1-3 hold no row of (1, 4): 4 empty shards.
 SHAPES = [(5, 3), (4, 6), (1, 4), (7,)]
 
 
@@ -62,6 +65,9 @@ def check_reductions(mesh) -> None:
     # local_rows follows DTensor's own layout
     record("local_rows", max(0.0 if torch.equal(sharded.local_rows(f, d), d.to_local()) else 1.0
                              for f, d in zip(fulls, shards)))
+    empty = torch.tensor([float(sum(d.to_local().numel() == 0 for d in shards))], dtype=F64)
+    dist.all_reduce(empty)  # over all ranks: the checks below did meet shards without rows
+    RESULTS["empty_shards"] = empty.item()
     # sum_over_shards: one all-reduce for all sharded owners; plain owners left alone
     calls = []
     real = dist.all_reduce
@@ -171,7 +177,7 @@ def tiny_llama(dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    # odd sizes: gate/up rows (67) and embedding rows (131) split unevenly over 2 ranks
+    # odd sizes: gate/up rows (67) and embedding rows (131) split unevenly over 2 or 4 ranks
     config = LlamaConfig(vocab_size=131, hidden_size=32, intermediate_size=67, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config).to(dtype)
@@ -342,11 +348,17 @@ def main() -> None:
     faulthandler.dump_traceback_later(int(os.environ.get("WORKER_TIMEOUT", "150")), exit=True)  # a hang in a collective shows where
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    everything = (check_reductions, check_penalty, check_refusals, check_optimizer, check_training,
+                  check_checkpoint, check_fault_guard)
+    chosen = sys.argv[5].split(",") if len(sys.argv) > 5 else [c.__name__[6:] for c in everything]
+    unknown = set(chosen) - {c.__name__[6:] for c in everything}
+    if unknown:
+        raise SystemExit(f"unknown checks {sorted(unknown)}; known: {[c.__name__[6:] for c in everything]}")
     mesh = init_device_mesh("cpu", (world,))
+    RESULTS["world"] = world
     started = time.perf_counter()
     try:
-        for check in (check_reductions, check_penalty, check_refusals, check_optimizer, check_training,
-                      check_checkpoint, check_fault_guard):
+        for check in (c for c in everything if c.__name__[6:] in chosen):
             t0 = time.perf_counter()
             check(mesh)
             RESULTS[f"seconds_{check.__name__}"] = round(time.perf_counter() - t0, 2)

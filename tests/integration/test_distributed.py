@@ -1,10 +1,12 @@
-"""The method under sharding, on CPU with 2 processes over gloo.
+"""The method under sharding, on CPU with 2 and 4 processes over gloo.
 
 1. tests/integration/_sharded_worker.py: FSDP2's `fully_shard` runs on CPU with gloo in the
    installed torch, so the sharded runs are real FSDP2: DTensor parameters sharded by rows
-   (uneven shards included), the optimizer's parameters swapped for the shards after
-   construction as accelerate does. Each check compares with the same computation on whole
-   tensors; the worker reports the largest difference.
+   (uneven shards and shards without rows included), the optimizer's parameters swapped for the
+   shards after construction as accelerate does. Each check compares with the same computation
+   on whole tensors; the worker reports the largest difference. On 2 ranks every check runs; on
+   4 ranks the reductions, the penalty, the optimizer and the tiny LLaMA's training (what changes
+   with the world size), not the checkpoints and the fault guard.
 2. `dirtune train` itself on 2 processes (torchrun, what `accelerate launch` runs), written
    once, ending with the weights of a 1-process run on the same batches: data-parallel (what
    accelerate does on CPU processes), and FSDP2 with the settings of
@@ -32,6 +34,10 @@ WORKER = Path(__file__).with_name("_sharded_worker.py")
 FSDP_CLI = Path(__file__).with_name("_fsdp_cpu_cli.py")
 FSDP_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp2-2gpu.yaml"
 WORLD = 2
+# the worker's checks on 4 ranks (section 1 and 2 below)
+WORLD4_CHECKS = "reductions,penalty,refusals,optimizer,training"
+# shards without rows among the worker's SHAPES (see there), summed over ranks
+EMPTY_SHARDS = {2: 1, 4: 4}
 TIMEOUT = 180
 
 
@@ -41,12 +47,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_worker(out: Path) -> list:
+def _start_worker(out: Path, world: int = WORLD, checks: str | None = None) -> list:
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
+    extra = [checks] if checks else []
+    return [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), port, str(out), *extra],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for r in range(WORLD)]
+            for r in range(world)]
 
 
 def _wait(procs: list, what: str) -> list[str]:
@@ -96,71 +103,90 @@ def _launch(work: Path, entry: list[str], *overrides: str, fsdp: bool = False) -
 
 @pytest.fixture(scope="module")
 def started(tmp_path_factory, tiny_checkpoint, task_files) -> dict:
-    """Starts the FSDP2 worker and the 2-process `dirtune train` runs; returns their handles."""
+    """Starts the FSDP2 workers (2 and 4 ranks) and the 2-process `dirtune train` runs; returns
+    their handles."""
     work = tmp_path_factory.mktemp("distributed")
     (work / "run.yaml").write_text("{}\n")
-    out = work / "results.json"
+    out = {2: work / "results.json", 4: work / "results-world4.json"}
     two = _train_overrides(tiny_checkpoint, task_files, work / "ddp", batch_size=2)
     sharded = _train_overrides(tiny_checkpoint, task_files, work / "fsdp", batch_size=2)
-    return {"work": work, "out": out, "worker": _start_worker(out),
+    return {"work": work, "out": out, "results": {},
+            "worker": {2: _start_worker(out[2]), 4: _start_worker(out[4], 4, WORLD4_CHECKS)},
             "ddp": _launch(work, ["-m", "dirtune.cli"], *two),
             "fsdp": _launch(work, [str(FSDP_CLI)], *sharded, "train.save_every=3", fsdp=True)}
 
 
-@pytest.fixture(scope="module")
-def results(started) -> dict:
-    """The FSDP2 worker's report; the tests of sections 1-3 read it."""
-    out = started["out"]
-    logs = _wait(started["worker"], "the 2-process worker")
-    if any(p.returncode for p in started["worker"]) and any("ddress already in use" in g for g in logs):
-        started["worker"] = _start_worker(out)  # the free port was taken meanwhile: once more
-        logs = _wait(started["worker"], "the 2-process worker")
-    errors = [Path(f"{out}.rank{r}") for r in range(WORLD) if Path(f"{out}.rank{r}").exists()]
+def _worker_results(started, world: int) -> dict:
+    """The report of the FSDP2 worker on `world` ranks (waited for once)."""
+    if world in started["results"]:
+        return started["results"][world]
+    out, what = started["out"][world], f"the {world}-process worker"
+    logs = _wait(started["worker"][world], what)
+    if any(p.returncode for p in started["worker"][world]) and any("ddress already in use" in g for g in logs):
+        # the free port was taken meanwhile: once more
+        started["worker"][world] = _start_worker(out, world, None if world == WORLD else WORLD4_CHECKS)
+        logs = _wait(started["worker"][world], what)
+    errors = [Path(f"{out}.rank{r}") for r in range(world) if Path(f"{out}.rank{r}").exists()]
     if errors:
         pytest.fail("\n".join(json.loads(e.read_text())["error"] for e in errors))
-    if any(p.returncode for p in started["worker"]) or not out.exists():
-        pytest.fail("worker failed:\n" + "\n".join(g[-3000:] for g in logs))
-    return json.loads(out.read_text())
+    if any(p.returncode for p in started["worker"][world]) or not out.exists():
+        pytest.fail(f"{what} failed:\n" + "\n".join(g[-3000:] for g in logs))
+    started["results"][world] = json.loads(out.read_text())
+    return started["results"][world]
+
+
+@pytest.fixture(scope="module")
+def results(started) -> dict:
+    """The 2-rank worker's report (every check); section 3 reads it."""
+    return _worker_results(started, WORLD)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def sharded_results(request, started) -> dict:
+    """The report on 2 ranks, then on 4; sections 1 and 2 read it."""
+    return _worker_results(started, request.param)
 
 
 # --- 1. the sharded reductions, directly on DTensors ------------------------------------------
 
 
-def test_local_rows_follow_dtensor_layout_including_empty_shards(results):
-    assert results["local_rows"] == 0.0
+def test_local_rows_follow_dtensor_layout_including_empty_shards(sharded_results):
+    assert sharded_results["local_rows"] == 0.0
+    # shards without rows were met
+    assert sharded_results["empty_shards"] == EMPTY_SHARDS[sharded_results["world"]]
 
 
-def test_partial_sums_complete_in_one_all_reduce(results):
-    assert results["sum_over_shards"] < 1e-12
-    assert results["sum_over_shards_calls"] == 1   # 4 sharded tensors + 1 plain, one message
+def test_partial_sums_complete_in_one_all_reduce(sharded_results):
+    assert sharded_results["sum_over_shards"] < 1e-12
+    assert sharded_results["sum_over_shards_calls"] == 1   # 4 sharded tensors + 1 plain, one message
 
 
 @pytest.mark.parametrize("check", ["balance_scales", "selective_decay", "turn_tensor", "turn_row",
                                    "angle", "drift"])
-def test_per_tensor_quantities_equal_unsharded(results, check):
-    assert results[check] < 1e-12
+def test_per_tensor_quantities_equal_unsharded(sharded_results, check):
+    assert sharded_results[check] < 1e-12
 
 
-def test_selective_decay_check_has_both_signs(results):
-    assert results["selective_decay_mixed_signs"] == 1.0   # else equality would prove little
+def test_selective_decay_check_has_both_signs(sharded_results):
+    assert sharded_results["selective_decay_mixed_signs"] == 1.0   # else equality would prove little
 
 
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
 @pytest.mark.parametrize("ref", ["full", "dtensor"])
-def test_penalty_value_and_gradient_equal_unsharded(results, granularity, ref):
-    assert results[f"penalty_{granularity}_{ref}_value"] < 1e-12
-    assert results[f"penalty_{granularity}_{ref}_grad"] < 1e-12
+def test_penalty_value_and_gradient_equal_unsharded(sharded_results, granularity, ref):
+    assert sharded_results[f"penalty_{granularity}_{ref}_value"] < 1e-12
+    assert sharded_results[f"penalty_{granularity}_{ref}_grad"] < 1e-12
 
 
-def test_placements_that_split_rows_and_sharded_lora_are_refused(results):
-    assert results["refuses_shard1"] == 1.0
-    assert results["refuses_sharded_lora"] == 1.0
+def test_placements_that_split_rows_and_sharded_lora_are_refused(sharded_results):
+    assert sharded_results["refuses_shard1"] == 1.0
+    assert sharded_results["refuses_sharded_lora"] == 1.0
 
 
 @pytest.mark.parametrize("mode", ["scale_row", "selective_tensor", "zero_scale_foreach",
                                   "none_turn_tensor"])
-def test_optimizer_on_dtensors_equals_unsharded(results, mode):
-    assert results[f"optimizer_{mode}"] < 1e-12
+def test_optimizer_on_dtensors_equals_unsharded(sharded_results, mode):
+    assert sharded_results[f"optimizer_{mode}"] < 1e-12
 
 
 # --- 2. a tiny LLaMA, FSDP2-sharded, against one process on the same global batch -------------
@@ -169,19 +195,19 @@ SCENARIOS = ["scale_turn_row", "selective_turn_tensor", "coupled_row", "coupled_
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_sharded_training_equals_single_process_float64(results, scenario):
+def test_sharded_training_equals_single_process_float64(sharded_results, scenario):
     name = f"train_{scenario}_f64"
-    assert results[f"{name}_moved"] > 1e-3          # the weights did move
-    assert results[name] < 1e-10                    # ... identically
-    assert results[f"{name}_anchors_sharded"] == 1.0
+    assert sharded_results[f"{name}_moved"] > 1e-3          # the weights did move
+    assert sharded_results[name] < 1e-10                    # ... identically
+    assert sharded_results[f"{name}_anchors_sharded"] == 1.0
     if scenario.startswith("coupled"):
-        assert results[f"{name}_penalty_last"] > 0.1  # the penalty was active
-        assert results[f"{name}_penalty"] < 1e-10
+        assert sharded_results[f"{name}_penalty_last"] > 0.1  # the penalty was active
+        assert sharded_results[f"{name}_penalty"] < 1e-10
 
 
-def test_sharded_training_equals_single_process_fp32(results):
-    assert results["train_scale_turn_row_f32_moved"] > 1e-3
-    assert results["train_scale_turn_row_f32"] < 1e-5
+def test_sharded_training_equals_single_process_fp32(sharded_results):
+    assert sharded_results["train_scale_turn_row_f32_moved"] > 1e-3
+    assert sharded_results["train_scale_turn_row_f32"] < 1e-5
 
 
 # --- 3. checkpoints --------------------------------------------------------------------------
