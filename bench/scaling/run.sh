@@ -16,7 +16,8 @@
 # (every stage's log, summary and nvidia-smi samples): the device returns at most 8 files.
 # Environment: STEPS (20), BIG_STEPS (12), BIG (7b; 13b fits on 4 GPUs by the estimate),
 # STAGE_LIMIT (s per ~1B stage, 100), BIG_LIMIT (s for the large stage, 300), TOTAL (s for all, 560),
-# GPUS (pretend this many GPUs; for --dry-run), GPU_MEMORY_GIB, HOST_MEMORY_GIB (see scaling_plan.py).
+# GPUS (pretend this many GPUs; for --dry-run), GPU_MEMORY_GIB, HOST_MEMORY_GIB (see scaling_plan.py),
+# WORK (/tmp/dirtune-scaling: models, data, run folders; emptied first).
 set -uo pipefail
 DRY=0
 case "${1:-}" in
@@ -32,7 +33,7 @@ STAGE_LIMIT=${STAGE_LIMIT:-100}
 BIG_LIMIT=${BIG_LIMIT:-300}
 TOTAL=${TOTAL:-560}
 START=$(date +%s)
-WORK=/tmp/dirtune-scaling
+WORK=${WORK:-/tmp/dirtune-scaling}
 HERE=bench/scaling
 
 NGPU=${GPUS:-$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)}

@@ -199,8 +199,10 @@ def test_an_fsdp2_config_for_every_n_differing_only_in_processes():
 
 
 def _run_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
+    # run.sh calls `python3`: this interpreter's, whether or not its environment is activated
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return subprocess.run(["bash", str(HERE / "run.sh"), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **env})
+                          timeout=60, env={**os.environ, "PATH": path, **env})
 
 
 def test_dry_run_prints_the_stages_for_8_gpus(tmp_path):
@@ -229,3 +231,20 @@ def test_dry_run_on_one_gpu_skips_the_big_stage_and_bad_arguments_are_refused():
     assert bad.returncode == 2 and "usage: bash bench/scaling/run.sh [--dry-run]" in bad.stderr
     unknown = _run_sh("--dry-run", GPUS="4", BIG="3b")
     assert unknown.returncode != 0 and "unknown model shape '3b'" in unknown.stderr
+
+
+def test_a_call_with_too_little_time_reports_every_stage_skipped(tmp_path):
+    """The real path (no --dry-run) as far as it goes without GPUs: prepare, the stage loop's time
+    check, the report and the one archive of logs; 20 s leave no stage its 30 s."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    done = _run_sh(GPUS="2", TOTAL="20", OUT=str(out), WORK=str(work),
+                   PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((out / "scaling.json").read_text())["stages"]
+    assert [r["stage"] for r in rows] == ["gpus-1", "gpus-2", "big-7b-gpus-2"]
+    assert all(r["status"].startswith("skipped: ") and r["status"].endswith("s left of the call's 20 s")
+               for r in rows), [r["status"] for r in rows]
+    assert (work / "model-7b" / "config.json").exists() and (work / "run.yaml").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "scaling.json", "scaling.md"]
+    names = subprocess.run(["tar", "tzf", str(out / "logs.tar.gz")], capture_output=True, text=True).stdout
+    assert {"logs/stages.txt", "logs/prepare.log", "logs/report.log"} <= set(names.split())
