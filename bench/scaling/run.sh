@@ -43,12 +43,13 @@ GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-$([ -n "$MEM_MIB" ] && echo $(( MEM_MIB / 1024 
 plan_args=(--gpus "$NGPU" --gpu-memory-gib "$GPU_MEMORY_GIB" --big "$BIG" --steps "$STEPS" --big-steps "$BIG_STEPS")
 [ -n "${HOST_MEMORY_GIB:-}" ] && plan_args+=(--host-memory-gib "$HOST_MEMORY_GIB")
 
-# The accelerate arguments of a stage on $1 GPUs.
+# The accelerate arguments of a stage on $1 GPUs of shape $2 (each stage its own port: the last
+# stage's may still be held for a while after it ended).
 launch_args() {
   if [ "$1" = 1 ]; then  # one process on one GPU (with more visible, Trainer would use DataParallel)
     echo "--num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no"
   else
-    echo "--config_file configs/accelerate/fsdp2-${1}gpu.yaml --num_processes $1 --main_process_port $((29500 + $1))"
+    echo "--config_file configs/accelerate/fsdp2-${1}gpu.yaml --num_processes $1 --main_process_port $(( $([ "$2" = 1b ] && echo 29500 || echo 29600) + $1 ))"
   fi
 }
 stage_overrides() {  # $1 stage name, $2 shape, $3 steps
@@ -63,7 +64,7 @@ if [ "$DRY" = 1 ]; then
   python3 "$HERE/scaling_plan.py" "${plan_args[@]}" --tsv | while IFS=$'\t' read -r name n shape steps skip; do
     [ "$skip" != - ] && continue
     echo "would run $name: CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) python3 -m accelerate.commands.launch" \
-      "$(launch_args "$n") -m dirtune.cli train $WORK/run.yaml $(stage_overrides "$name" "$shape" "$steps")"
+      "$(launch_args "$n" "$shape") -m dirtune.cli train $WORK/run.yaml $(stage_overrides "$name" "$shape" "$steps")"
   done
   exit 0
 fi
@@ -109,7 +110,7 @@ while IFS=$'\t' read -r name n shape steps skip; do
   smi=$!
   t0=$(date +%s)
   # shellcheck disable=SC2046  # launch_args and stage_overrides are word lists
-  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout -k 10 "$limit" $LAUNCH $(launch_args "$n") \
+  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout -k 10 "$limit" $LAUNCH $(launch_args "$n" "$shape") \
     -m dirtune.cli train "$WORK/run.yaml" $(stage_overrides "$name" "$shape" "$steps") > "$LOGS/$name.log" 2>&1
   rc=$?
   kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
