@@ -49,7 +49,8 @@ launch_args() {
   if [ "$1" = 1 ]; then  # one process on one GPU (with more visible, Trainer would use DataParallel)
     echo "--num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no"
   else
-    echo "--config_file configs/accelerate/fsdp2-${1}gpu.yaml --num_processes $1 --main_process_port $(( $([ "$2" = 1b ] && echo 29500 || echo 29600) + $1 ))"
+    local port=$(( 29500 + $1 )); [ "$2" != 1b ] && port=$(( 29600 + $1 ))
+    echo "--config_file configs/accelerate/fsdp2-${1}gpu.yaml --num_processes $1 --main_process_port $port"
   fi
 }
 stage_overrides() {  # $1 stage name, $2 shape, $3 steps
