@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from dirtune.models.llama import PROJECTIONS
+
 
 class ConfigError(ValueError):
     """A config problem a person can fix: the message names the key and what is accepted."""
@@ -29,7 +31,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = list(PROJECTIONS)
 # data.columns keys: our record fields, the fields inside a chat message, the role values
 COLUMN_KEYS = ("instruction", "input", "output", "messages", "text", "role", "content",
                "system", "user", "assistant")
