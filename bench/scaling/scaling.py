@@ -26,6 +26,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from dirtune.train.run_folder import read_metrics
+
 HERE = Path(__file__).resolve().parent
 try:
     import dirtune  # noqa: F401  (installed, or run from a checkout:)
@@ -116,8 +118,7 @@ def _stage(run: Path, batch: int, seq: int) -> dict:
     timed = times[WARMUP:] if len(times) > WARMUP + 2 else times[1:]
     world = s.get("world_size", n)
     tokens = batch * seq * world
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if r.get("kind") == "train"] if (run / "metrics.jsonl").exists() else []
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train"]
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
     row.update(world_size=world, steps=len(times), steps_timed=len(timed),
                step_s_median=statistics.median(timed) if timed else None,

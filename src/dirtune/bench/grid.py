@@ -143,19 +143,13 @@ def read_run(run: str | Path) -> dict:
     evals: dict[int, dict] = {}
     angle: dict[int, float] = {}
     stopped = False  # the runner logs a non-finite loss or gradient that stopped the run
-    log = run / "metrics.jsonl"
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if r.get("kind") == "eval" and "eval_loss" in r:
-                evals[int(r["step"])] = r  # a resumed run may repeat a step: keep the last
-            elif r.get("kind") == "train" and "angle/mean" in r:
-                angle[int(r["step"])] = float(r["angle/mean"])
-            elif r.get("kind") == "event" and "non-finite" in str(r.get("event", "")):
-                stopped = stopped or "stopped" in str(r["event"])
+    for r in run_folder.read_metrics(run / "metrics.jsonl"):  # lines cut short by a crash left out
+        if r.get("kind") == "eval" and "eval_loss" in r:
+            evals[int(r["step"])] = r  # a resumed run may repeat a step: keep the last
+        elif r.get("kind") == "train" and "angle/mean" in r:
+            angle[int(r["step"])] = float(r["angle/mean"])
+        elif r.get("kind") == "event" and "non-finite" in str(r.get("event", "")):
+            stopped = stopped or "stopped" in str(r["event"])
 
     def load(name: str) -> Any:
         p = run / name

@@ -11,7 +11,6 @@ Shaped like a torchtune recipe, in three parts:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -25,7 +24,6 @@ import transformers
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from dirtune.data import collate
 from dirtune.data.cache import build_datasets_cached
 from dirtune.models.loading import check_tokenizer_matches, count_parameters, load_model, load_tokenizer
 from dirtune.models.lora import apply_lora, prepare_full_finetune
@@ -236,7 +234,7 @@ def _make_trainer(run: Run, model) -> None:
     in_memory = bool(evals) and cfg.train.keep_best == "memory"
     trainer = DirtuneTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=evals or None,
-        data_collator=functools.partial(collate, pad_id=data.pad_id), processing_class=run.tokenizer,
+        data_collator=data.collator(), processing_class=run.tokenizer,
         dirtune_cfg=cfg, penalty=method.penalty, optimizer_plan=method.optimizer,
         metrics_log=run.log, extra_logs=run.extra,
     )
