@@ -17,22 +17,35 @@ def shared_dir() -> Path:
     return SHARED
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A 2-layer LLaMA (hidden 32) with random weights, saved with a character tokenizer."""
+def make_tiny_llama(tokenizer=None, seed: int = 0, **overrides):
+    """A 2-layer LLaMA (hidden 32, 4 heads, 2 KV heads) with random weights seeded by `seed`;
+    its vocabulary and special ids from `tokenizer` (default: 64 tokens); `overrides` change
+    LlamaConfig fields."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    ids = {} if tokenizer is None else dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **ids, **overrides}))
+
+
+@pytest.fixture
+def tiny_llama():
+    """make_tiny_llama, for tests that build models in memory."""
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA (hidden 32) with random weights, saved with a character tokenizer."""
     from dirtune.data.synthetic import char_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tok = char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    make_tiny_llama(tok).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

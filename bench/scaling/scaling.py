@@ -31,6 +31,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from dirtune.train.run_folder import read_metrics
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))          # scaling_plan, beside this file
 try:
@@ -165,8 +167,7 @@ def _stage(runs: Path, st: dict, batch: int, seq: int) -> dict:
     timed = times[WARMUP:] if len(times) > WARMUP + 2 else times[1:]
     world = s.get("world_size", st["gpus"])
     tokens = batch * seq * world
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if r.get("kind") == "train"] if (run / "metrics.jsonl").exists() else []
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train"]
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
     step = statistics.median(timed) if timed else None
     row.update(world_size=world, steps=len(times), steps_timed=len(timed), step_s_median=step,

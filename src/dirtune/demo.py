@@ -134,9 +134,10 @@ def _write_source_init(init_dir: Path, sizes: DemoSizes, tokenizer) -> None:
 
 def _curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(validation curve, forgetting curve) from a run's metrics.jsonl."""
+    from dirtune.train.run_folder import read_metrics
+
     val, forget = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_metrics(run_dir / "metrics.jsonl"):
         if rec.get("kind") != "eval":
             continue
         if isinstance(rec.get("eval_loss"), (int, float)):
@@ -261,11 +262,9 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = Fal
 
 
 def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) -> dict:
-    from dirtune.bench.metrics import steps_to_target
+    """setup (the data and the source model's config) -> the source pretrained -> the two
+    fine-tunings -> the comparison, printed and written."""
     from dirtune.data.synthetic import char_tokenizer, write_demo_data
-    from dirtune.train.config import load_config
-
-    common = _common_overrides(seed)
 
     print(f"dirtune demo ({'quick' if quick else 'full'}, seed {seed}) -> {out}")
     print(f"      writing a world of {sizes.n_people} people: {sizes.n_source_train} paragraphs of prose "
@@ -274,10 +273,24 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
                             n_source_train=sizes.n_source_train, n_source_valid=sizes.n_source_valid)
     tokenizer = char_tokenizer()
     _write_source_init(out / "source_init", sizes, tokenizer)
+    source = _pretrain_source(out, files, sizes, seed)
+    results = {key: _fine_tune(out, key, spec, files, source["dir"], sizes, seed)
+               for key, spec in METHODS.items()}
+    result = _compare(results, source, sizes, seed, quick)
+    result["wall_time_s"] = time.perf_counter() - started
+    _plot(result, out / "demo_loss.png")
+    (out / "demo_result.json").write_text(json.dumps(result, indent=2))
+    _print_result(result, sizes, out)
+    return result
+
+
+def _pretrain_source(out: Path, files: dict, sizes: DemoSizes, seed: int) -> dict:
+    """Step 1: the source model, pretrained from scratch on the world's prose."""
+    from dirtune.train.config import load_config
 
     print(f"[1/3] pretraining a {sizes.layers}-layer, width-{sizes.hidden} LLaMA-2-architecture model "
           f"from scratch on the world's prose ({sizes.source_steps} steps)", flush=True)
-    src_cfg = load_config(None, common + [
+    src_cfg = load_config(None, _common_overrides(seed) + [
         f"model.path={out / 'source_init'}", "model.from_scratch=true",
         f"data.train_file={files['source_train']}", f"data.valid_file={files['source_valid']}",
         "data.format=text", f"data.max_length={sizes.source_len}",
@@ -289,37 +302,47 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
     ])
     src = _train(src_cfg)
     src_curve, _ = _curves(out / "source")
-    source_model = src["best_checkpoint"]
-    source = {"dir": source_model, "untrained_valid_loss": src_curve[0][1] if src_curve else None,
+    source = {"dir": src["best_checkpoint"], "untrained_valid_loss": src_curve[0][1] if src_curve else None,
               "valid_loss": src["best_eval_loss"], "steps": src["final_step"], "curve": src_curve,
               "wall_time_s": src["wall_time_s"]}
     print(f"      source prose validation loss: {_fmt(source['untrained_valid_loss'], '.3f')} untrained -> "
           f"{_fmt(source['valid_loss'], '.3f')} pretrained ({src['wall_time_s']:.0f} s)")
+    return source
 
-    results: dict = {}
-    for i, (key, spec) in enumerate(METHODS.items(), start=2):
-        print(f"[{i}/3] fine-tuning on the task with {spec['label']} ({sizes.task_steps} steps)", flush=True)
-        cfg = load_config(None, task_overrides(out / key, files, source_model, sizes, seed) + spec["overrides"])
-        summary = _train(cfg)
-        curve, forget_curve = _curves(out / key)
-        start, end = summary["forget_loss_start"], summary["forget_loss_end"]
-        results[key] = {
-            "label": spec["label"], "lr": cfg.optimizer.lr, "overrides": spec["overrides"],
-            "curve": curve, "forget_curve": forget_curve,
-            "best_eval_loss": summary["best_eval_loss"], "best_step": summary["best_step"],
-            "final_eval_loss": summary["final_eval_loss"], "final_step": summary["final_step"],
-            "test_loss": summary.get("test_loss"),
-            "forget_loss_start": start, "forget_loss_end": end,
-            "forgetting": None if start is None or end is None else end - start,
-            "wall_time_s": summary["wall_time_s"],
-        }
 
-    # method.md §3: the target is the baseline's best validation loss within the budget
+def _fine_tune(out: Path, key: str, spec: dict, files: dict, source_model: str, sizes: DemoSizes,
+               seed: int) -> dict:
+    """Steps 2 and 3: one fine-tuning of the source model on the task, and its numbers."""
+    from dirtune.train.config import load_config
+
+    print(f"[{list(METHODS).index(key) + 2}/3] fine-tuning on the task with {spec['label']} "
+          f"({sizes.task_steps} steps)", flush=True)
+    cfg = load_config(None, task_overrides(out / key, files, source_model, sizes, seed) + spec["overrides"])
+    summary = _train(cfg)
+    curve, forget_curve = _curves(out / key)
+    start, end = summary["forget_loss_start"], summary["forget_loss_end"]
+    return {
+        "label": spec["label"], "lr": cfg.optimizer.lr, "overrides": spec["overrides"],
+        "curve": curve, "forget_curve": forget_curve,
+        "best_eval_loss": summary["best_eval_loss"], "best_step": summary["best_step"],
+        "final_eval_loss": summary["final_eval_loss"], "final_step": summary["final_step"],
+        "test_loss": summary.get("test_loss"),
+        "forget_loss_start": start, "forget_loss_end": end,
+        "forgetting": None if start is None or end is None else end - start,
+        "wall_time_s": summary["wall_time_s"],
+    }
+
+
+def _compare(results: dict, source: dict, sizes: DemoSizes, seed: int, quick: bool) -> dict:
+    """The demo's result: steps to the target (method.md §3: the baseline's best validation
+    loss within the budget), the speedup and the two verdicts."""
+    from dirtune.bench.metrics import steps_to_target
+
     target = results["adamw"]["best_eval_loss"]
     for r in results.values():
         r["steps_to_target"] = steps_to_target(r["curve"], target)
     sa, sm = results["adamw"]["steps_to_target"], results["method"]["steps_to_target"]
-    result = {
+    return {
         "seed": seed, "quick": quick, "sizes": dataclasses.asdict(sizes), "target": target,
         "source": source, **results,
         "speedup": sa / sm if sa is not None and sm else None,
@@ -327,10 +350,9 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
         "forgetting_verdict": _forgetting_verdict(results),
         "note": NOTE,
     }
-    result["wall_time_s"] = time.perf_counter() - started
-    _plot(result, out / "demo_loss.png")
-    (out / "demo_result.json").write_text(json.dumps(result, indent=2))
 
+
+def _print_result(result: dict, sizes: DemoSizes, out: Path) -> None:
     print()
     print(_table(result))
     print()
@@ -340,4 +362,3 @@ def _run(out: Path, seed: int, quick: bool, sizes: DemoSizes, started: float) ->
     print(result["forgetting_verdict"])
     print(f"Note: {NOTE}.")
     print(f"Wrote {out / 'demo_loss.png'} and {out / 'demo_result.json'} ({result['wall_time_s']:.0f} s).")
-    return result

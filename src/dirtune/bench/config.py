@@ -22,49 +22,49 @@ from typing import Literal, Optional
 import yaml
 
 from dirtune.train.config import (
-    Config, ConfigError, TrainConfig, _build, _f, apply_overrides, from_dict, read_yaml,
+    Config, ConfigError, TrainConfig, apply_overrides, build_section, option, from_dict, read_yaml,
 )
 
 
 @dataclass
 class PairSpec:
-    name: str = _f("", "folder-safe name of this (source checkpoint, task) pair")
-    overrides: list[str] = _f([], "train overrides: model.path=..., data.train_file=..., data.forget_file=...")
-    metric: Literal["none", "gsm8k"] = _f("none", "downstream metric on the best checkpoint of each final run")
-    metric_file: Optional[str] = _f(None, "records the metric is computed on (default: the run's data.test_file)")
-    metric_samples: int = _f(200, "first N records of metric_file; more is slower and less noisy")
-    metric_max_new_tokens: int = _f(256, "greedy generation length per answer")
-    metric_batch_size: int = _f(16, "prompts generated together (left padding)")
+    name: str = option("", "folder-safe name of this (source checkpoint, task) pair")
+    overrides: list[str] = option([], "train overrides: model.path=..., data.train_file=..., data.forget_file=...")
+    metric: Literal["none", "gsm8k"] = option("none", "downstream metric on the best checkpoint of each final run")
+    metric_file: Optional[str] = option(None, "records the metric is computed on (default: the run's data.test_file)")
+    metric_samples: int = option(200, "first N records of metric_file; more is slower and less noisy")
+    metric_max_new_tokens: int = option(256, "greedy generation length per answer")
+    metric_batch_size: int = option(16, "prompts generated together (left padding)")
 
 
 @dataclass
 class MethodSpec:
-    name: str = _f("", "folder-safe method name, e.g. adamw, l2sp, wdp")
-    overrides: list[str] = _f([], "train overrides that define the method (optimizer.*, method.*, finetune.*)")
+    name: str = option("", "folder-safe method name, e.g. adamw, l2sp, wdp")
+    overrides: list[str] = option([], "train overrides that define the method (optimizer.*, method.*, finetune.*)")
 
 
 @dataclass
 class BenchConfig:
-    name: str = _f("bench", "name of the bench (report title)")
-    base: str = _f("", "train YAML every run starts from, relative to the bench file ('': train defaults)")
-    overrides: list[str] = _f([], "train overrides applied to every run")
-    pairs: list[PairSpec] = _f([], "(source checkpoint, task) pairs")
-    methods: list[MethodSpec] = _f([], "methods compared; each gets the same lrs grid")
-    baseline: str = _f("adamw", "method whose best validation loss sets the target T")
-    lrs: list[float] = _f([], "learning-rate grid, the same for every method (a pair's grid may "
+    name: str = option("bench", "name of the bench (report title)")
+    base: str = option("", "train YAML every run starts from, relative to the bench file ('': train defaults)")
+    overrides: list[str] = option([], "train overrides applied to every run")
+    pairs: list[PairSpec] = option([], "(source checkpoint, task) pairs")
+    methods: list[MethodSpec] = option([], "methods compared; each gets the same lrs grid")
+    baseline: str = option("adamw", "method whose best validation loss sets the target T")
+    lrs: list[float] = option([], "learning-rate grid, the same for every method (a pair's grid may "
                           "grow at its edges, see max_grid_extensions)")
-    max_grid_extensions: int = _f(2, "per pair and side: while a method's chosen lr is the grid's "
+    max_grid_extensions: int = option(2, "per pair and side: while a method's chosen lr is the grid's "
                                   "smallest/largest, add one rate beyond it (for every method), "
                                   "at most this many times; still on the edge after that = FAILED")
-    grid_step: Optional[float] = _f(None, "ratio between a grid edge and the rate added beyond it "
+    grid_step: Optional[float] = option(None, "ratio between a grid edge and the rate added beyond it "
                                     "(> 1; null: the ratio of the two rates at that edge)")
-    tune_seeds: list[int] = _f([0], "seeds of the learning-rate sweep (tuning)")
-    seeds: list[int] = _f([0, 1, 2], "seeds of the final runs at each chosen lr (>= 3)")
-    max_steps: Optional[int] = _f(None, "step budget of every run (null: the base config's)")
-    eval_every: Optional[int] = _f(None, "validation interval k (null: the base config's)")
-    jobs: int = _f(1, "parallel worker processes; 0 runs in this process (tests, debugging)")
-    devices: list[str] = _f(["auto"], "devices handed to workers round-robin: cpu, cuda:0, ...")
-    output_dir: str = _f("", "results folder (default: bench/results/<name>)")
+    tune_seeds: list[int] = option([0], "seeds of the learning-rate sweep (tuning)")
+    seeds: list[int] = option([0, 1, 2], "seeds of the final runs at each chosen lr (>= 3)")
+    max_steps: Optional[int] = option(None, "step budget of every run (null: the base config's)")
+    eval_every: Optional[int] = option(None, "validation interval k (null: the base config's)")
+    jobs: int = option(1, "parallel worker processes; 0 runs in this process (tests, debugging)")
+    devices: list[str] = option(["auto"], "devices handed to workers round-robin: cpu, cuda:0, ...")
+    output_dir: str = option("", "results folder (default: bench/results/<name>)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,7 +91,7 @@ def _list_of(cls: type, items, where: str) -> list:
         return []
     if not isinstance(items, list):
         raise ConfigError(f"{where}: expected a list of mappings, got {items!r}")
-    return [_build(cls, item, f"{where}[{i}]") for i, item in enumerate(items)]
+    return [build_section(cls, item, f"{where}[{i}]") for i, item in enumerate(items)]
 
 
 def _check_overrides(overrides: list[str], where: str) -> None:
@@ -114,7 +114,7 @@ def bench_from_dict(data: dict, source: str = "bench", base_dir: Path = Path("."
                                   "method.md §3)")
         pairs = _list_of(PairSpec, data.pop("pairs", None), "pairs")
         methods = _list_of(MethodSpec, data.pop("methods", None), "methods")
-        cfg = _build(BenchConfig, data, "")
+        cfg = build_section(BenchConfig, data, "")
         cfg.pairs, cfg.methods = pairs, methods
         if cfg.base:
             cfg.base = str((base_dir / cfg.base).resolve())

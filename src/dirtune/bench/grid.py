@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,6 +32,8 @@ from typing import Any, Callable, Optional
 from dirtune.bench import metrics
 from dirtune.bench.config import BenchConfig, run_config
 from dirtune.bench.schedule import PairPlan, Runner, run_plans
+from dirtune.train import run_folder
+from dirtune.train.gpus import narrow_visible_gpus
 
 DEFAULT_ENTRY = "dirtune.train.runner:run_training"
 
@@ -50,9 +51,7 @@ def _init_worker(devices: Any, threads: int) -> None:
     device = _WORKER_DEVICE = _WORKER_DEVICE_NAME = devices.get()
     if device.startswith("cuda:"):
         # this worker sees only its GPU, as "cuda", for training and for the metric alike
-        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-        index = int(device.split(":", 1)[1])
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
+        narrow_visible_gpus(int(device.split(":", 1)[1]))
         _WORKER_DEVICE = "cuda"
     # torch starts one thread per core in every process: 2 workers on 2 cores ran 20x slower
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -144,19 +143,13 @@ def read_run(run: str | Path) -> dict:
     evals: dict[int, dict] = {}
     angle: dict[int, float] = {}
     stopped = False  # the runner logs a non-finite loss or gradient that stopped the run
-    log = run / "metrics.jsonl"
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if r.get("kind") == "eval" and "eval_loss" in r:
-                evals[int(r["step"])] = r  # a resumed run may repeat a step: keep the last
-            elif r.get("kind") == "train" and "angle/mean" in r:
-                angle[int(r["step"])] = float(r["angle/mean"])
-            elif r.get("kind") == "event" and "non-finite" in str(r.get("event", "")):
-                stopped = stopped or "stopped" in str(r["event"])
+    for r in run_folder.read_metrics(run / "metrics.jsonl"):  # lines cut short by a crash left out
+        if r.get("kind") == "eval" and "eval_loss" in r:
+            evals[int(r["step"])] = r  # a resumed run may repeat a step: keep the last
+        elif r.get("kind") == "train" and "angle/mean" in r:
+            angle[int(r["step"])] = float(r["angle/mean"])
+        elif r.get("kind") == "event" and "non-finite" in str(r.get("event", "")):
+            stopped = stopped or "stopped" in str(r["event"])
 
     def load(name: str) -> Any:
         p = run / name
@@ -215,7 +208,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool 
     time limit), keeping its bench.yaml and commit.txt; missing runs count as not finished, and
     a grid grows only over rates whose runs are there.
     """
-    from dirtune.bench.report import write_report
+    from dirtune.bench.report import commit_line, write_report
 
     out = Path(out_dir or cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +235,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool 
         return not report_only and not (job["resume"] and _finished(Path(job["run_dir"]), job["metric"]))
 
     per_pair = len(cfg.methods) * (len(cfg.lrs) * len(cfg.tune_seeds) + len(cfg.seeds))
-    runner = Runner(cfg, len(cfg.pairs) * per_pair, execute)
+    runner = Runner(cfg, len(cfg.pairs) * per_pair, execute, worker_init=_init_worker)
     plans = [plan_for(i, p) for i, p in enumerate(cfg.pairs)]
     try:
         run_plans(plans, runner, should_run, lambda job: redone.add(job["run_dir"]))
@@ -251,7 +244,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path | None = None, resume: bool 
 
     results = {"bench": _bench_info(cfg), "pairs": {}}
     if report_only:
-        results["bench"]["report_commit"] = _commit_line(_commit())
+        results["bench"]["report_commit"] = commit_line(_commit())
     for plan in plans:
         results["pairs"][plan.pair.name] = _pair_results(out, plan, cfg)
     write_report(out, results)
@@ -323,23 +316,11 @@ def _bench_info(cfg: BenchConfig) -> dict:
             "pairs": {p.name: list(p.overrides) for p in cfg.pairs}}
 
 
-def _commit_line(text: str) -> str:
-    """commit.txt's text as one line: '<sha>' or '<sha> (with uncommitted changes)'."""
-    info = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
-    dirty = " (with uncommitted changes)" if info.get("dirty") == "true" else ""
-    return info.get("commit", "unknown") + dirty
-
-
 def _commit() -> str:
-    """git commit of the dirtune source tree and whether the package (src/dirtune) had
-    uncommitted changes; results folders and bench files are not code (bench.yaml records the
+    """commit.txt: the git commit of the dirtune source tree and whether the package (src/dirtune)
+    had uncommitted changes; results folders and bench files are not code (bench.yaml records the
     bench as run), and a report-only pass over several folders edits tracked results."""
-    src = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
-                               cwd=src, capture_output=True, text=True, check=True).stdout.strip() != ""
-    except (OSError, subprocess.CalledProcessError):
+    state = run_folder.git_state(package_only=True)
+    if state is None:
         return "commit: unknown (not a git checkout)\n"
-    return f"commit: {head}\ndirty: {str(dirty).lower()}\n"
+    return f"commit: {state[0]}\ndirty: {str(state[1]).lower()}\n"

@@ -342,15 +342,20 @@ def summary_dict(results: dict, out: Optional[Path] = None) -> dict:
 
 # ---------------------------------------------------------------- entry
 
+def commit_line(text: str) -> str:
+    """commit.txt's text as one line: '<sha>' or '<sha> (with uncommitted changes)'."""
+    info = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    dirty = " (with uncommitted changes)" if info.get("dirty") == "true" else ""
+    return info.get("commit", "unknown") + dirty
+
+
 def write_report(out_dir: str | Path, results: dict) -> Path:
     """Write report.md, summary.json and the plots of every pair into out_dir; return report.md."""
-    from dirtune.bench.grid import _commit_line
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     commit = out / "commit.txt"
     if commit.is_file() and "commit" not in results["bench"]:
-        results["bench"]["commit"] = _commit_line(commit.read_text())
+        results["bench"]["commit"] = commit_line(commit.read_text())
     base = results["bench"]["baseline"]
     for name, pair in results["pairs"].items():
         target = pair["analysis"]["target"]

@@ -147,14 +147,16 @@ class PairPlan:
 class Runner:
     """Hands jobs to a spawn pool (jobs > 0) or runs them here (jobs = 0), one tqdm bar.
 
-    `free()` says whether a job may be handed out now; `wait()` returns the (job, tag, result)
+    `worker_init(devices, threads)` starts each pool worker (grid._init_worker: its GPU and CPU
+    threads). `free()` says whether a job may be handed out now; `wait()` returns the (job, tag, result)
     of runs that ended, blocking until one does (none in flight: []).
     """
 
-    def __init__(self, cfg: BenchConfig, total: int, execute: Callable):
+    def __init__(self, cfg: BenchConfig, total: int, execute: Callable,
+                 worker_init: Optional[Callable] = None):
         from tqdm.auto import tqdm
 
-        self.cfg, self.execute = cfg, execute
+        self.cfg, self.execute, self.worker_init = cfg, execute, worker_init
         self.bar = tqdm(total=total, desc=f"bench {cfg.name}", unit="run", dynamic_ncols=True)
         self.failed: list[dict] = []
         self.pool: Optional[ProcessPoolExecutor] = None
@@ -164,14 +166,12 @@ class Runner:
             self._start_pool()
 
     def _start_pool(self) -> None:
-        from dirtune.bench.grid import _init_worker
-
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         queue = ctx.Queue()
         for i in range(self.cfg.jobs):
             queue.put(self.cfg.devices[i % len(self.cfg.devices)])
         threads = max(1, (os.cpu_count() or 1) // self.cfg.jobs)
-        self.pool = ProcessPoolExecutor(self.cfg.jobs, mp_context=ctx, initializer=_init_worker,
+        self.pool = ProcessPoolExecutor(self.cfg.jobs, mp_context=ctx, initializer=self.worker_init,
                                         initargs=(queue, threads))
 
     def free(self) -> bool:

@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-
-class DataError(ValueError):
-    """A data problem a person can fix: the message names the file, the line and what is accepted."""
+from dirtune.data.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -130,9 +128,9 @@ def read_records(path: str | Path) -> list[Record]:
         raise DataError(f"{path}: not found")
     kind = file_kind(path)
     if kind in ("parquet", "arrow", "saved"):
-        from dirtune.data.tables import table_records
+        from dirtune.data.tables import table_rows
 
-        return table_records(path, kind)
+        return [Record(row, i, "row") for i, row in enumerate(table_rows(path, kind), start=1)]
     return records_from_bytes(read_bytes(path), path, kind)
 
 

@@ -1,6 +1,6 @@
 """Tables read through `datasets`: .parquet and .arrow files, and folders that
-`Dataset.save_to_disk` wrote. Each row becomes a `Record` numbered by row (1-based), so that
-messages say "row 7"; the rows are then checked like JSON records (records.py).
+`Dataset.save_to_disk` wrote. records.py makes each row a `Record` numbered by row (1-based), so
+that messages say "row 7", and checks them like JSON records.
 
 `datasets` (and pyarrow under it) is imported only here, when such a file is read.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dirtune.data.records import DataError, Record
+from dirtune.data.errors import DataError
 
 SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes beside the .arrow files
 
@@ -18,9 +18,9 @@ def is_saved_dataset(folder: Path) -> bool:
     return any((folder / m).is_file() for m in SAVED_MARKERS)
 
 
-def table_records(path: str | Path, kind: str) -> list[Record]:
-    """The rows of a .parquet/.arrow file or a save_to_disk folder as records; DataError if the
-    file cannot be read or holds no rows."""
+def table_rows(path: str | Path, kind: str) -> list[dict]:
+    """The rows of a .parquet/.arrow file or a save_to_disk folder, in order (records.py numbers
+    them as records); DataError if the file cannot be read or holds no rows."""
     import datasets
 
     p = Path(path)
@@ -45,7 +45,7 @@ def table_records(path: str | Path, kind: str) -> list[Record]:
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
     if len(table) == 0:
         raise DataError(f"{p}: empty, no records")
-    return [Record(row, i, "row") for i, row in enumerate(table.to_list(), start=1)]
+    return table.to_list()
 
 
 def _arrow(path: Path):

@@ -2,7 +2,7 @@
 LLaMA-Factory's trainers), through the trainer's own extension points:
 
 - the optimizer: `create_optimizer` (what `Trainer` documents for a custom optimizer) builds
-  BalancedAdamW with dirtune's parameter groups (`train.trainer.build_optimizer`: LoRA A/B
+  BalancedAdamW with dirtune's parameter groups (`train.compose.build_method`: LoRA A/B
   anchored at zero, full fine-tuning anchored at the pretrained weights, the decoupled turn on
   the covered projections only); the trainer's own learning-rate schedule drives it;
 - the coupled penalty: `compute_loss` (TRL asks users to subclass it rather than pass a loss
@@ -27,7 +27,7 @@ import torch
 
 from dirtune.models.direction import DirectionPenalty
 from dirtune.train.config import Config, ConfigError, MethodConfig, OptimizerConfig, from_dict
-from dirtune.train.runner import build_penalty
+from dirtune.train.compose import OptimizerPlan, build_method
 from dirtune.train.schedule import StrengthSchedule
 from dirtune.train.trainer import build_optimizer
 
@@ -102,7 +102,7 @@ def make_optimizer(model: torch.nn.Module, args: Any = None, *, optimizer: str =
 class _Attached:
     cfg: Config
     penalty: DirectionPenalty | None
-    builds_optimizer: bool
+    optimizer: OptimizerPlan | None    # None: the trainer builds its own
     pen_sum: Any = 0.0          # λ·R summed over the optimizer steps since the last log
     pen_steps: int = 0
     pen_step_seen: int = -1
@@ -126,8 +126,8 @@ class MethodTrainerMixin:
 
     def create_optimizer(self, model=None):
         d = self._dirtune
-        if self.optimizer is None and d.builds_optimizer:
-            self.optimizer = build_optimizer(self.model if model is None else model, d.cfg)
+        if self.optimizer is None and d.optimizer is not None:
+            self.optimizer = d.optimizer.build(self.model if model is None else model)
         # the base class returns ours as it is, after any wrapping of its own (SageMaker MP)
         return super().create_optimizer() if model is None else super().create_optimizer(model)
 
@@ -191,8 +191,9 @@ def attach(trainer, *, optimizer: str | None = "balanced_adamw", **options: Any)
                           "(optimizers= or optimizer_cls_and_kwargs=); drop it, or pass optimizer=None "
                           "to keep it and add only the coupled penalty")
     # The trainer has placed the model on its device by now: references are copied beside it.
-    penalty = build_penalty(trainer.model, cfg)
-    state = _Attached(cfg, penalty, builds_optimizer=optimizer is not None)
+    method = build_method(trainer.model, cfg)
+    penalty = method.penalty
+    state = _Attached(cfg, penalty, method.optimizer if optimizer is not None else None)
     trainer._dirtune = state
     trainer.__class__ = _with_method(type(trainer))
     if cfg.method.schedule != "constant":

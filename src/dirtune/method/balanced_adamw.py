@@ -5,7 +5,8 @@ Laid out like torch.optim.AdamW: the class validates options and keeps state; `s
 parallel lists and calls the functional entry `balanced_adamw`, which dispatches to the readable
 `_single_tensor_balanced_adamw`, the `torch._foreach_*` `_multi_tensor_balanced_adamw` (same
 signature, same arithmetic) or, when asked, the fused kernel of `dirtune.method.fused`.
-The functional step and the per-tensor scalars live in `update_rules`. Imports only torch.
+The functional step `balanced_adamw` (which path runs) is here; the paths and the per-tensor
+scalars live in `update_rules`, the fused kernels in `fused`. Imports only torch.
 
 Sharded training (FSDP2, DeepSpeed): see `sharded.py` and docs/distributed.md. Parameters that
 a wrapper swaps into the groups after construction (accelerate's FSDP2 preparation replaces
@@ -23,13 +24,11 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from dirtune.method import sharded
+from dirtune.method.common import ANCHORS, BALANCES, GRANULARITIES, check_choice
 from dirtune.method.update_rules import (
-    ANCHORS,
-    BALANCES,
-    GRANULARITIES,
-    _fused_impl,
+    _multi_tensor_balanced_adamw,
+    _single_tensor_balanced_adamw,
     balance_scales,
-    balanced_adamw,
 )
 
 __all__ = ["BalancedAdamW", "balanced_adamw"]
@@ -37,6 +36,106 @@ __all__ = ["BalancedAdamW", "balanced_adamw"]
 # State tensors whose dtype is anchor_dtype, not the parameter's: load_state_dict must not cast them.
 _ANCHOR_KEYS = ("anchor", "reference")
 
+
+# ---------------------------------------------------------------- the functional step
+
+def _fused_impl():
+    try:
+        from dirtune.method.fused import _fused_balanced_adamw
+    except ModuleNotFoundError as e:
+        if e.name != "dirtune.method.fused":
+            raise
+        raise ValueError("fused=True needs dirtune.method.fused, which this build does not have; "
+                         "use fused=None (foreach on CUDA) or foreach=True") from None
+    return _fused_balanced_adamw
+
+
+# fused=None, foreach=None on CUDA: take the fused kernels (dirtune.method.fused) when Triton is
+# installed. Sound: in fp32 they equal the foreach path to round-off; in bf16 they round each
+# stored value once (as torch's fused AdamW), where the foreach path rounds after every op (the
+# Adam denominator √v/√(1−β2^t) + ε three times), which is the few-ulp gap between the two;
+# against the same step in float64 the kernels are the closer (tests/unit/method/test_fused.py,
+# bench/perf/run.py's check on the GPU).
+FUSED_BY_DEFAULT = True
+
+
+def _fused_by_default(params: list[Tensor]) -> bool:
+    """Whether fused=None means fused here: every parameter on CUDA, Triton importable, and
+    FUSED_BY_DEFAULT set. CPU parameters never import dirtune.method.fused."""
+    if not FUSED_BY_DEFAULT or not params or not all(p.device.type == "cuda" for p in params):
+        return False
+    try:
+        from dirtune.method.fused import available
+    except ImportError:
+        return False
+    return available()
+
+
+def balanced_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    anchors: list[Tensor | None],
+    references: list[Tensor | None],
+    scales: list[float],
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    anchor: str,
+    balance: str,
+    direction_weight: float,
+    granularity: str,
+) -> None:
+    """Functional BalancedAdamW: one step for parallel lists (see BalancedAdamW for the algorithm).
+
+    anchors[i] is a_i or None (anchor "zero"/"none"); references[i] is θ0_i or None; scales[i]
+    is b_i of balance "scale" (ignored otherwise). Anchors and references may live on the CPU and
+    in any floating dtype. foreach=None picks foreach when every parameter is on CUDA;
+    fused=None with foreach=None picks the fused kernels there if FUSED_BY_DEFAULT is set.
+
+    DTensor entries (FSDP2's row-sharded parameters, with their grads and state as DTensors of
+    the same placements) are stepped on their local shards; whole-tensor sums are completed
+    across shards (see sharded.py), so the step equals the unsharded one to round-off.
+    """
+    reduce = None
+    if any(sharded.is_dtensor(p) for p in params):
+        for p in params:
+            sharded.shard_dims(p)  # refuses placements that split rows
+        owners = list(params)
+
+        def reduce(partials: Tensor, index: list[int]) -> Tensor:
+            return sharded.sum_over_shards(partials, [owners[i] for i in index])
+
+        params, grads, exp_avgs, exp_avg_sqs, anchors, references = (
+            [sharded.local(t) for t in ts]
+            for ts in (params, grads, exp_avgs, exp_avg_sqs, anchors, references))
+    if fused is None and foreach is None:
+        fused = _fused_by_default(params)
+    # Shard sums are needed by "selective" decay and by the tensor-granularity turn; the fused
+    # kernels sum per shard only, so sharded steps needing them take the foreach path instead.
+    needs_sums = reduce is not None and (
+        (balance == "selective" and weight_decay != 0 and anchor != "none")
+        or (direction_weight != 0 and granularity == "tensor"))
+    if fused and not needs_sums:
+        func = _fused_impl()
+    else:
+        if foreach is None or fused:
+            foreach = fused or (len(params) > 0 and all(p.device.type == "cuda" for p in params))
+        func = _multi_tensor_balanced_adamw if foreach else _single_tensor_balanced_adamw
+    extra = {"reduce": reduce} if reduce is not None else {}
+    func(params, grads, exp_avgs, exp_avg_sqs, state_steps, anchors, references, scales,
+         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, anchor=anchor,
+         balance=balance, direction_weight=direction_weight, granularity=granularity, **extra)
+
+
+# ---------------------------------------------------------------- the optimizer
 
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -57,14 +156,11 @@ def _check_options(o: dict[str, Any]) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]!r}; expected [0, 1)")
     if not (_number(wd) and 0.0 <= wd):
         raise ValueError(f"Invalid weight_decay value: {wd!r}; expected a float >= 0")
-    if o["anchor"] not in ANCHORS:
-        raise ValueError(f"Invalid anchor: {o['anchor']!r}; expected one of {ANCHORS}")
-    if o["balance"] not in BALANCES:
-        raise ValueError(f"Invalid balance: {o['balance']!r}; expected one of {BALANCES}")
+    check_choice("anchor", o["anchor"], ANCHORS)
+    check_choice("balance", o["balance"], BALANCES)
     if not (_number(dw) and 0.0 <= dw):
         raise ValueError(f"Invalid direction_weight: {dw!r}; expected a float >= 0")
-    if o["granularity"] not in GRANULARITIES:
-        raise ValueError(f"Invalid granularity: {o['granularity']!r}; expected one of {GRANULARITIES}")
+    check_choice("granularity", o["granularity"], GRANULARITIES)
     dt = _as_dtype(o["anchor_dtype"])
     if o["anchor_dtype"] is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
         raise ValueError(f"Invalid anchor_dtype: {o['anchor_dtype']!r}; expected a floating torch.dtype or None")
@@ -189,7 +285,7 @@ class BalancedAdamW(Optimizer):
         granularity: "row" (one turn per output row) or "tensor".
         fused: True runs the Triton kernels of dirtune.method.fused; None (with foreach=None)
             takes them when every parameter is on CUDA and Triton imports
-            (update_rules.FUSED_BY_DEFAULT); False never.
+            (FUSED_BY_DEFAULT); False never.
     """
 
     def __init__(

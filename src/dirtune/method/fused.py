@@ -43,11 +43,8 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch import Tensor
 
-from dirtune.method.update_rules import (
-    GRANULARITIES,
-    _multi_tensor_balanced_adamw,
-    decay_coefficients,
-)
+from dirtune.method.common import GRANULARITIES, accumulation_dtype, check_choice, turn_from_sums
+from dirtune.method.update_rules import _multi_tensor_balanced_adamw, decay_coefficients
 
 try:
     import triton
@@ -84,8 +81,7 @@ def _check(params: list[Tensor], granularity: str) -> None:
     if K is None:
         raise ValueError(f"fused=True needs Triton, which cannot be imported here ({_MISSING}); "
                          "install triton, or use fused=None / foreach=True") from None
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"Invalid granularity: {granularity!r}; expected one of {GRANULARITIES}")
+    check_choice("granularity", granularity, GRANULARITIES)
     if not interpreted():
         bad = sorted({str(p.device) for p in params if p.device.type != "cuda"})
         if bad:
@@ -96,10 +92,6 @@ def _check(params: list[Tensor], granularity: str) -> None:
 def _tl(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
             torch.float64: tl.float64}[dtype]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -225,7 +217,7 @@ def _group_step(ps, gs, ms, vs, steps, anchors, references, scales, *, lr, beta1
                 weight_decay, anchor, balance, direction_weight, granularity) -> None:
     """One step for tensors of one device and one dtype combination (see the module docstring)."""
     device, n = ps[0].device, len(ps)
-    acc = _acc(ps[0].dtype)
+    acc = accumulation_dtype(ps[0].dtype)
     decay = weight_decay != 0 and anchor != "none"
     has_anchor = decay and anchor == "init"
     uploaded: dict[int, Tensor] = {}  # id(original) → on-device copy, shared by anchor and reference
@@ -359,11 +351,8 @@ def _tensor_turn(ps: list[Tensor], refs: dict[int, Tensor], kappa: float, acc: t
         K._sums_kernel[(len(chunk_t),)](chunk_t, chunk_s, meta[2], meta[0], meta[1], partial,
                                         slots, **tys)
         pp, pr, rr = partial.view(len(idx), slots, 3).sum(1, dtype=torch.float64).unbind(1)
-        norm, norm0 = pp.sqrt(), rr.sqrt()
-        inv_norm = torch.where(norm > 0, norm.reciprocal(), 0.0)
-        inv_norm0 = torch.where(norm0 > 0, norm0.reciprocal(), 0.0)
-        cos = pr * inv_norm * inv_norm0
-        coef = torch.stack([1.0 - kappa * cos, kappa * norm * inv_norm0], 1).to(acc).contiguous()
+        alpha, beta = turn_from_sums(pp.sqrt(), rr.sqrt(), pr, kappa)
+        coef = torch.stack([alpha, beta], 1).to(acc).contiguous()
         K._axpby_kernel[(len(chunk_t),)](chunk_t, chunk_s, meta[2], meta[0], meta[1], coef, **tys)
 
 

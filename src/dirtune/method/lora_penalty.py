@@ -6,7 +6,7 @@ frozen base `W0` as reference, `1 − cos(W, W0)` from r-sized quantities only, 
 
 (cancellation-free), in fp32 whatever the weights' dtype. Layers of one shape are batched.
 
-Imports only torch and the dense module's argument checks.
+Imports only torch and the method's shared pieces (common.py); penalty.py re-exports it.
 """
 
 from __future__ import annotations
@@ -17,21 +17,14 @@ from collections.abc import Sequence
 import torch
 
 from dirtune.method import sharded
-from dirtune.method.penalty import (
-    EPS,
-    _as_list,
-    _check_floating,
-    _check_granularity,
-    _compute_dtype,
-    fused_module,
-)
+from dirtune.method.common import EPS, accumulation_dtype, as_list, check_floating, check_granularity
+from dirtune.method.penalty_path import fused_module
 
 
 def base_row_norms(base: torch.Tensor) -> torch.Tensor:
     """`||W0 rows||²` (d,) in fp32 (float64 for float64): the constant `n0` of a frozen base,
     to compute once and pass to `lora_direction_penalty(..., base_sq_norms=...)`."""
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(base.detach().to(dtype), dim=1).square()
+    return torch.linalg.vector_norm(base.detach().to(accumulation_dtype(base)), dim=1).square()
 
 
 class _BaseProjection(torch.autograd.Function):
@@ -115,8 +108,8 @@ def _lora_group(bases, As, Bs, scales, rows: bool, cd: torch.dtype, norms, pf=No
 
 def _prepare(fn: str, base, lora_A, lora_B, scale, base_sq_norms):
     """The checked arguments as lists, the compute dtype, and the layers grouped by shape."""
-    bases = _as_list(fn, "base", base)
-    As, Bs = _as_list(fn, "lora_A", lora_A), _as_list(fn, "lora_B", lora_B)
+    bases = as_list(fn, "base", base)
+    As, Bs = as_list(fn, "lora_A", lora_A), as_list(fn, "lora_B", lora_B)
     if any(sharded.is_dtensor(t) for t in (*bases, *As, *Bs)):
         raise ValueError(f"{fn}: sharded (DTensor, FSDP) LoRA layers are not supported: the "
                          "factored identities need whole A and W0 rows on each rank. LoRA's "
@@ -135,7 +128,7 @@ def _prepare(fn: str, base, lora_A, lora_B, scale, base_sq_norms):
         scales = [scale] * len(bases)
     if len(scales) != len(bases):
         raise ValueError(f"{fn}: got {len(scales)} scales for {len(bases)} layers")
-    norms = [None] * len(bases) if base_sq_norms is None else _as_list(fn, "base_sq_norms", base_sq_norms)
+    norms = [None] * len(bases) if base_sq_norms is None else as_list(fn, "base_sq_norms", base_sq_norms)
     if len(norms) != len(bases):
         raise ValueError(f"{fn}: got {len(norms)} base_sq_norms for {len(bases)} layers")
     for i, (w, n) in enumerate(zip(bases, norms)):
@@ -144,7 +137,7 @@ def _prepare(fn: str, base, lora_A, lora_B, scale, base_sq_norms):
                              f"{w.shape[0]} rows, so it needs ({w.shape[0]},)")
     for i, (w, a, b, s) in enumerate(zip(bases, As, Bs, scales)):
         for name, t in (("base", w), ("lora_A", a), ("lora_B", b)):
-            _check_floating(fn, name, i, t)
+            check_floating(fn, name, i, t)
         ok = w.dim() == 2 and a.dim() == 2 and b.dim() == 2
         if not ok or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise ValueError(
@@ -154,7 +147,7 @@ def _prepare(fn: str, base, lora_A, lora_B, scale, base_sq_norms):
         if not math.isfinite(s):
             raise ValueError(f"{fn}: scale[{i}] = {s} is not a finite number")
         scales[i] = s
-    cd = _compute_dtype(*bases, *As, *Bs)
+    cd = accumulation_dtype(*bases, *As, *Bs)
     # Group layers of identical shapes (and device) so that each group is one batched computation.
     groups: dict[tuple, list[int]] = {}
     for i, (w, a) in enumerate(zip(bases, As)):
@@ -186,7 +179,7 @@ def lora_direction_penalty(base, lora_A, lora_B, scale, granularity: str = "row"
     and Triton imports; False keeps the per-layer fp32 cast below (the reference).
     """
     fn = "lora_direction_penalty"
-    rows = _check_granularity(fn, granularity)
+    rows = check_granularity(fn, granularity)
     bases, As, Bs, scales, norms, cd, groups = _prepare(fn, base, lora_A, lora_B, scale, base_sq_norms)
     pf = fused_module(bases, fused, fn) if cd == torch.float32 else None
     terms = [_lora_group([bases[i].detach() for i in idx], [As[i] for i in idx],

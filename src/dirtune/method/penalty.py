@@ -28,55 +28,20 @@ gradient as the unsharded ones: "row" terms are local and only the value is summ
 shards' `||u − u0||²` (a second one), and the backward is local. References may be full
 tensors (cut to the local rows at each call) or DTensors like their weights.
 
-Imports only torch (house rule: the method does not know about transformers or peft).
+Imports only torch (house rule: the method does not know about transformers or peft). The
+LoRA-factored form lives in lora_penalty.py; `lora_direction_penalty` is served from here too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from dirtune.method import sharded
+from dirtune.method.common import EPS, accumulation_dtype, as_list, check_floating, check_granularity
+from dirtune.method.lora_penalty import lora_direction_penalty
+from dirtune.method.penalty_path import fused_module
 
-EPS = 1e-12
-"""Norm floor ε (see the module docstring); squared, 1e-24 is still a normal fp32 number."""
-
-_GRANULARITIES = ("row", "tensor")
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation (plumbing)
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_granularity(fn: str, granularity: str) -> bool:
-    """Return True for "row"; raise a ValueError naming the bad value otherwise."""
-    if granularity not in _GRANULARITIES:
-        raise ValueError(
-            f"{fn}: granularity={granularity!r} is not supported; accepted: 'row', 'tensor'")
-    return granularity == "row"
-
-
-def _as_list(fn: str, name: str, value) -> list:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return list(value)
-    raise ValueError(f"{fn}: {name} must be a tensor or a list/tuple of tensors, "
-                     f"got {type(value).__name__}")
-
-
-def _check_floating(fn: str, name: str, i: int, t) -> None:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{fn}: {name}[{i}] must be a floating-point tensor, got {what}")
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp32, or float64 if any input is float64 (bf16/fp16 inputs are never used for the math)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
+__all__ = ["EPS", "angle_and_drift", "angles_and_drifts", "direction_penalty", "lora_direction_penalty"]
 
 # ---------------------------------------------------------------------------------------------
 # Dense form
@@ -143,7 +108,7 @@ class _DenseDirection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta: torch.Tensor, ref: torch.Tensor, rows: bool, eps: float, count):
-        cd = _compute_dtype(theta, ref)
+        cd = accumulation_dtype(theta, ref)
         r = _on_device(_rows_view(ref, rows), theta.device)
         val, m, m0 = _one_minus_cos_rows(_rows_view(theta, rows), r, cd, eps)
         ctx.save_for_backward(theta, ref, val, m, m0)
@@ -200,7 +165,7 @@ class _ShardedTensorDirection(torch.autograd.Function):
         n = len(owners)
         ts = [t.reshape(1, -1) for t in tensors[:n]]
         rs = [_on_device(r.reshape(1, -1), t.device) for r, t in zip(tensors[n:], ts)]
-        cd = _compute_dtype(*ts, *rs)
+        cd = accumulation_dtype(*ts, *rs)
         dev = ts[0].device
         sq = torch.stack([torch.cat([torch.linalg.vector_norm(t, dim=1, dtype=cd),
                                      torch.linalg.vector_norm(r, dim=1, dtype=cd)]).to(dev)
@@ -271,23 +236,6 @@ def _sharded_direction_penalty(ws: list, rs: list, rows: bool) -> torch.Tensor:
     return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
 
-def fused_module(tensors: list, fused, fn: str):
-    """dirtune.method.penalty_fused when `fused` (None: every tensor on CUDA and Triton imports)
-    asks for the Triton path, else None. Imported here, lazily: the method imports only torch."""
-    if fused is False or (fused is None and not all(t.device.type == "cuda" for t in tensors)):
-        return None
-    try:
-        from dirtune.method import penalty_fused
-    except ImportError:
-        penalty_fused = None
-    if penalty_fused is None or not penalty_fused.available():
-        if fused:
-            raise ValueError(f"{fn}: fused=True needs Triton, which cannot be imported here; "
-                             "use fused=None or False")
-        return None
-    return penalty_fused
-
-
 def direction_penalty(weights, refs, granularity: str = "row", *, fused=None,
                       into_grad: bool = False) -> torch.Tensor:
     """`R` (or `R_row`) of method.md §1: mean over tensors of `1 − cos(θ_i, θ0_i)`.
@@ -311,16 +259,16 @@ def direction_penalty(weights, refs, granularity: str = "row", *, fused=None,
     leaf weights, a backward that accumulates into them); DirectionPenalty asks for it.
     """
     fn = "direction_penalty"
-    rows = _check_granularity(fn, granularity)
-    ws, rs = _as_list(fn, "weights", weights), _as_list(fn, "refs", refs)
+    rows = check_granularity(fn, granularity)
+    ws, rs = as_list(fn, "weights", weights), as_list(fn, "refs", refs)
     if not ws:
         raise ValueError(f"{fn}: weights is empty; give at least one tensor")
     if len(ws) != len(rs):
         raise ValueError(f"{fn}: got {len(ws)} weights but {len(rs)} refs; give one reference "
                          "per weight")
     for i, (w, r) in enumerate(zip(ws, rs)):
-        _check_floating(fn, "weights", i, w)
-        _check_floating(fn, "refs", i, r)
+        check_floating(fn, "weights", i, w)
+        check_floating(fn, "refs", i, r)
         if w.shape != r.shape:
             raise ValueError(f"{fn}: weights[{i}] has shape {tuple(w.shape)} but refs[{i}] has "
                              f"shape {tuple(r.shape)}; a reference must have its weight's shape")
@@ -351,7 +299,7 @@ def angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
                          f"shape {tuple(ref.shape)}")
     if sharded.is_dtensor(weight):
         return _sharded_angle_and_drift(weight, ref)
-    cd = _compute_dtype(weight, ref)
+    cd = accumulation_dtype(weight, ref)
     t = weight.reshape(1, -1)
     r = _on_device(ref.reshape(1, -1), weight.device)
     val, _, m0 = _one_minus_cos_rows(t, r, cd, EPS)
@@ -380,7 +328,7 @@ def _sharded_angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
     sharded.shard_dims(weight)
     t = sharded.local(weight).reshape(1, -1)
     r = _on_device(_local_ref(ref, weight).reshape(1, -1), t.device)
-    cd = _compute_dtype(t, r)
+    cd = accumulation_dtype(t, r)
     shard = torch.cat([torch.linalg.vector_norm(t, dim=1, dtype=cd),
                        torch.linalg.vector_norm(r, dim=1, dtype=cd),
                        torch.linalg.vector_norm(t.to(cd) - r.to(cd), dim=1)]).square()
@@ -390,12 +338,3 @@ def _sharded_angle_and_drift(weight: torch.Tensor, ref: torch.Tensor):
     val = sharded.sum_over_shards(half[None], [weight])[0, 0] + _below_eps(n, m, n0, m0)
     angle = torch.rad2deg(2 * torch.asin((val / 2).clamp(0, 1).sqrt()))
     return angle, dist / m0
-
-
-def __getattr__(name: str):
-    # The LoRA-factored form lives beside this file and imports its helpers from here; served on
-    # first access (PEP 562) so that either module can be imported first, with one import path.
-    if name == "lora_direction_penalty":
-        from dirtune.method.lora_penalty import lora_direction_penalty
-        return lora_direction_penalty
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,6 +23,7 @@ from collections import OrderedDict, defaultdict
 import torch
 
 from dirtune.method import sharded
+from dirtune.method.common import accumulation_dtype
 
 try:
     import triton
@@ -172,7 +173,7 @@ class _DenseRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, into_grad, eps: float, n: int, *tensors):
         ws, rs = tensors[:n], tensors[n:]
-        cd = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        cd = accumulation_dtype(*tensors)
         dev = ws[0].device
         vals = torch.empty(n, dtype=cd, device=dev)
         saved, layout = [], []
@@ -291,7 +292,7 @@ def dense_angle_drift(ws: list, rs: list, eps: float) -> tuple[torch.Tensor, tor
     """Per tensor: angle ∠(θ, θ0) in degrees and `||θ − θ0|| / ||θ0||` (penalty.angle_and_drift),
     from the row kernel's sums added over rows: one read of θ and θ0, one launch per shape."""
     n = len(ws)
-    cd = torch.float64 if any(t.dtype == torch.float64 for t in (*ws, *rs)) else torch.float32
+    cd = accumulation_dtype(*ws, *rs)
     angle = torch.empty(n, dtype=cd, device=ws[0].device)
     drift = torch.empty_like(angle)
     for (rows, cols), idx in _groups(ws).items():

@@ -1,8 +1,9 @@
 """The update of BalancedAdamW (method.md §1 decoupled, §2), apart from the optimizer's bookkeeping.
 
-The functional step `balanced_adamw` and its two paths, `_single_tensor_balanced_adamw` (the
-readable reference) and `_multi_tensor_balanced_adamw` (torch._foreach_*), which share three
-pure functions with each other and with the fused path (dirtune.method.fused, same signature):
+The two plain-torch paths of the step, `_single_tensor_balanced_adamw` (the readable reference)
+and `_multi_tensor_balanced_adamw` (torch._foreach_*), which share three pure functions with
+each other and with the fused path (dirtune.method.fused, same signature); the functional entry
+`balanced_adamw` that picks one of the three lives in balanced_adamw.py:
 
     balance_scales      b_i = s̄ / rms(a_i),  s̄ = mean_j rms(a_j)               (balance "scale")
     decay_coefficients  k_i = min(1, η·λ·b_i), one per tensor                    (before the Adam step)
@@ -26,20 +27,11 @@ import torch
 from torch import Tensor
 
 from dirtune.method import sharded
+from dirtune.method.common import BALANCES, GRANULARITIES, accumulation_dtype, check_choice, turn_from_sums
 
 # reduce(partials, index): full sums of per-tensor partial sums, row j of `partials` (a shard's
 # sum) belonging to tensor index[j] of the functional lists (sharded.sum_over_shards behind it).
 Reduce = Callable[[Tensor, list[int]], Tensor]
-
-ANCHORS = ("init", "zero", "none")
-BALANCES = ("none", "scale", "selective")
-GRANULARITIES = ("row", "tensor")
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half types, fp64 stays fp64: reductions never run in bf16/fp16."""
-    return torch.promote_types(dtype, torch.float32)
-
 
 def rms(t: Tensor) -> float:
     """sqrt(mean(t²)) in at least fp32 over the whole tensor (all shards of a DTensor); 0.0 for
@@ -54,7 +46,7 @@ def _rms_all(values: list[Tensor]) -> list[float]:
     norms = []
     for v in values:
         x = sharded.local(v.detach())
-        norms.append(torch.linalg.vector_norm(x.to(_accumulation_dtype(x.dtype))).to(
+        norms.append(torch.linalg.vector_norm(x.to(accumulation_dtype(x.dtype))).to(
             device=sharded.local(values[0]).device, dtype=torch.float64))
     norms = torch.stack(norms)
     if any(sharded.is_dtensor(v) for v in values):
@@ -100,8 +92,7 @@ def decay_coefficients(
     `reduce` (sharded tensors: the lists hold local shards) completes the per-shard sums
     <g_i, θ_i − a_i> into whole-tensor sums, one call for all tensors.
     """
-    if balance not in BALANCES:
-        raise ValueError(f"Invalid balance: {balance!r}; expected one of {BALANCES}")
+    check_choice("balance", balance, BALANCES)
     cap = min(1.0, lr * weight_decay)
     if balance == "none":
         return torch.tensor([cap] * len(params), dtype=torch.float64)
@@ -111,7 +102,7 @@ def decay_coefficients(
     # difference is formed first: <g, θ> − <g, a> would cancel).
     dots = []
     for p, g, a in zip(params, grads, anchors, strict=True):
-        acc = _accumulation_dtype(p.dtype)
+        acc = accumulation_dtype(p.dtype)
         offset = p.to(acc) if a is None else p.to(acc) - a.to(device=p.device, dtype=acc)
         dots.append((g.to(acc) * offset).sum().to(device=params[0].device, dtype=torch.float64))
     if not dots:
@@ -133,18 +124,17 @@ def turn_coefficients(
     Promises: the result has norm ||θ||·sqrt(1 + κ²·sin²∠(θ, θ0)) (norm kept to first order);
     for κ ≤ 1 it never turns past θ0. A zero row of θ or θ0 is left unchanged (α = 1, β = 0).
     """
-    return _turn_from_sums(*turn_sums(param, reference, granularity=granularity), strength)
+    return turn_from_sums(*turn_sums(param, reference, granularity=granularity), strength)
 
 
 def turn_sums(param: Tensor, reference: Tensor, *, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
     """(||θ||, ||θ0||, <θ, θ0>) per output row ((rows, 1) each) or for the tensor ((1, 1)), in
     at least fp32: what the turn needs from the data. On a shard these are the shard's values."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"Invalid granularity: {granularity!r}; expected one of {GRANULARITIES}")
+    check_choice("granularity", granularity, GRANULARITIES)
     if param.ndim != 2 or reference.shape != param.shape:
         raise ValueError(f"turn_coefficients needs a 2-D param and a reference of the same shape, "
                          f"got {tuple(param.shape)} and {tuple(reference.shape)}")
-    acc = _accumulation_dtype(param.dtype)
+    acc = accumulation_dtype(param.dtype)
     dims = (1,) if granularity == "row" else (0, 1)
     w = param.to(acc)
     w0 = reference.to(device=param.device, dtype=acc)
@@ -152,16 +142,6 @@ def turn_sums(param: Tensor, reference: Tensor, *, granularity: str) -> tuple[Te
     norm0 = torch.linalg.vector_norm(w0, dim=dims, keepdim=True)   # ||θ0_r||
     inner = (w * w0).sum(dim=dims, keepdim=True)                    # <θ_r, θ0_r>
     return norm, norm0, inner
-
-
-def _turn_from_sums(norm: Tensor, norm0: Tensor, inner: Tensor, strength: float) -> tuple[Tensor, Tensor]:
-    """(α, β) = (1 − κ·c, κ·||θ||/||θ0||) with c = <θ, θ0>/(||θ||·||θ0||); zero norms give (1, 0)."""
-    inv_norm = torch.where(norm > 0, norm.reciprocal(), 0.0)
-    inv_norm0 = torch.where(norm0 > 0, norm0.reciprocal(), 0.0)
-    cos = inner * inv_norm * inv_norm0
-    alpha = 1.0 - strength * cos
-    beta = strength * norm * inv_norm0
-    return alpha, beta
 
 
 def apply_turn(param: Tensor, reference: Tensor, *, strength: float, granularity: str) -> None:
@@ -194,9 +174,9 @@ def apply_turns(params: list[Tensor], references: list[Tensor | None], *, streng
     sums = reduce(torch.cat([sums[:, :2].square(), sums[:, 2:]], dim=1), index)
     for j, i in enumerate(index):
         p = params[i]
-        acc = _accumulation_dtype(p.dtype)
+        acc = accumulation_dtype(p.dtype)
         norm, norm0, inner = (sums[j, 0].sqrt(), sums[j, 1].sqrt(), sums[j, 2])
-        alpha, beta = _turn_from_sums(*(x.to(device=p.device, dtype=acc).reshape(1, 1)
+        alpha, beta = turn_from_sums(*(x.to(device=p.device, dtype=acc).reshape(1, 1)
                                         for x in (norm, norm0, inner)), strength)
         _axpby(p, _beside(references[i], p), alpha, beta)
 
@@ -208,102 +188,6 @@ def _axpby(param: Tensor, reference: Tensor, alpha: Tensor, beta: Tensor) -> Non
         param.mul_(alpha).addcmul_(w0, beta)
     else:  # bf16/fp16 weights: compute in fp32, round once
         param.copy_(param.to(alpha.dtype).mul_(alpha).addcmul_(w0, beta))
-
-
-def _fused_impl():
-    try:
-        from dirtune.method.fused import _fused_balanced_adamw
-    except ModuleNotFoundError as e:
-        if e.name != "dirtune.method.fused":
-            raise
-        raise ValueError("fused=True needs dirtune.method.fused, which this build does not have; "
-                         "use fused=None (foreach on CUDA) or foreach=True") from None
-    return _fused_balanced_adamw
-
-
-# fused=None, foreach=None on CUDA: take the fused kernels (dirtune.method.fused) when Triton is
-# installed. Sound: in fp32 they equal the foreach path to round-off; in bf16 they round each
-# stored value once (as torch's fused AdamW), where the foreach path rounds after every op (the
-# Adam denominator √v/√(1−β2^t) + ε three times), which is the few-ulp gap between the two;
-# against the same step in float64 the kernels are the closer (tests/unit/method/test_fused.py,
-# bench/perf/run.py's check on the GPU).
-FUSED_BY_DEFAULT = True
-
-
-def _fused_by_default(params: list[Tensor]) -> bool:
-    """Whether fused=None means fused here: every parameter on CUDA, Triton importable, and
-    FUSED_BY_DEFAULT set. CPU parameters never import dirtune.method.fused."""
-    if not FUSED_BY_DEFAULT or not params or not all(p.device.type == "cuda" for p in params):
-        return False
-    try:
-        from dirtune.method.fused import available
-    except ImportError:
-        return False
-    return available()
-
-
-def balanced_adamw(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    anchors: list[Tensor | None],
-    references: list[Tensor | None],
-    scales: list[float],
-    foreach: bool | None = None,
-    fused: bool | None = None,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    anchor: str,
-    balance: str,
-    direction_weight: float,
-    granularity: str,
-) -> None:
-    """Functional BalancedAdamW: one step for parallel lists (see BalancedAdamW for the algorithm).
-
-    anchors[i] is a_i or None (anchor "zero"/"none"); references[i] is θ0_i or None; scales[i]
-    is b_i of balance "scale" (ignored otherwise). Anchors and references may live on the CPU and
-    in any floating dtype. foreach=None picks foreach when every parameter is on CUDA;
-    fused=None with foreach=None picks the fused kernels there if FUSED_BY_DEFAULT is set.
-
-    DTensor entries (FSDP2's row-sharded parameters, with their grads and state as DTensors of
-    the same placements) are stepped on their local shards; whole-tensor sums are completed
-    across shards (see sharded.py), so the step equals the unsharded one to round-off.
-    """
-    reduce = None
-    if any(sharded.is_dtensor(p) for p in params):
-        for p in params:
-            sharded.shard_dims(p)  # refuses placements that split rows
-        owners = list(params)
-
-        def reduce(partials: Tensor, index: list[int]) -> Tensor:
-            return sharded.sum_over_shards(partials, [owners[i] for i in index])
-
-        params, grads, exp_avgs, exp_avg_sqs, anchors, references = (
-            [sharded.local(t) for t in ts]
-            for ts in (params, grads, exp_avgs, exp_avg_sqs, anchors, references))
-    if fused is None and foreach is None:
-        fused = _fused_by_default(params)
-    # Shard sums are needed by "selective" decay and by the tensor-granularity turn; the fused
-    # kernels sum per shard only, so sharded steps needing them take the foreach path instead.
-    needs_sums = reduce is not None and (
-        (balance == "selective" and weight_decay != 0 and anchor != "none")
-        or (direction_weight != 0 and granularity == "tensor"))
-    if fused and not needs_sums:
-        func = _fused_impl()
-    else:
-        if foreach is None or fused:
-            foreach = fused or (len(params) > 0 and all(p.device.type == "cuda" for p in params))
-        func = _multi_tensor_balanced_adamw if foreach else _single_tensor_balanced_adamw
-    extra = {"reduce": reduce} if reduce is not None else {}
-    func(params, grads, exp_avgs, exp_avg_sqs, state_steps, anchors, references, scales,
-         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, anchor=anchor,
-         balance=balance, direction_weight=direction_weight, granularity=granularity, **extra)
 
 
 def _beside(t: Tensor | None, p: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:

@@ -21,6 +21,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from dirtune.models.checks import check_tokenizer_matches, to_dtype
 from dirtune.models.errors import ModelError
 
 __all__ = ["GGUF_MAGIC", "convert_gguf", "is_gguf", "load_gguf_config", "load_gguf_model",
@@ -142,8 +143,6 @@ def convert_gguf(src: PathLike, out_dir: PathLike, dtype: str = "fp32") -> Path:
     Everything is read before anything is written; an `out_dir` that already holds files is
     refused rather than overwritten. Returns `out_dir`.
     """
-    from dirtune.models.loading import check_tokenizer_matches, to_dtype
-
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out}: already exists and is not an empty folder; choose a new output folder")

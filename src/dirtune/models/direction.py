@@ -16,7 +16,7 @@ ready to be added to the loss (the *coupled* way; the decoupled turn belongs to 
   (FSDP2 replaces each weight by a DTensor shard) is penalised through its shards; each full
   reference is then cut to this rank's rows once, and the rest freed.
 
-Imports only torch and the method: it knows transformers' and PEFT's layouts by attribute names.
+Imports only torch, the method and models' torch-only tables: it knows transformers' and PEFT's layouts by attribute names.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import torch
 from dirtune.method import sharded
 from dirtune.method.lora_penalty import base_row_norms, lora_angle_and_drift
 from dirtune.method.penalty import angles_and_drifts, direction_penalty, lora_direction_penalty
+from dirtune.models.checks import DTYPES, LONG_NAMES
+from dirtune.models.llama import PROJECTIONS
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_TARGETS = PROJECTIONS
 
 
 def _is_lora_layer(module: torch.nn.Module) -> bool:
@@ -102,10 +101,10 @@ def _weight_leaf_names(model: torch.nn.Module) -> list[str]:
 def _resolve_dtype(value):
     if value is None or value == "same" or isinstance(value, torch.dtype):
         return None if value == "same" else value
-    if value in _DTYPES:
-        return _DTYPES[value]
+    if value in DTYPES or value in LONG_NAMES:
+        return DTYPES[LONG_NAMES.get(value, value)]
     raise ValueError(f"DirectionPenalty: reference_dtype={value!r} is not supported; accepted: "
-                     f"a torch.dtype, None/'same', or one of {sorted(_DTYPES)}")
+                     f"a torch.dtype, None/'same', or one of {sorted([*DTYPES, *LONG_NAMES])}")
 
 
 class DirectionPenalty(torch.nn.Module):

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from dirtune.models.checks import DTYPES, check_tokenizer_matches, to_dtype
 from dirtune.models.convert_gguf import is_gguf
 from dirtune.models.errors import ModelError
 
@@ -31,20 +32,12 @@ __all__ = [
     "write_checkpoint",
 ]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # Beside a checkpoint, SentencePiece's own file is named this.
 SPM_FILE = "tokenizer.model"
 
 PathLike = Union[str, Path]
-
-
-def to_dtype(name: str) -> torch.dtype:
-    """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
-    if name not in DTYPES:
-        raise ModelError(f"dtype {name!r} is not valid; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 # ---------------------------------------------------------------- models
@@ -69,14 +62,14 @@ def _check_checkpoint_dir(path: Path, *, need_weights: bool) -> None:
         raise ModelError(f"{path}: no model weights ({', '.join(WEIGHT_PATTERNS)}) found")
 
 
-def load_model(cfg_model, *, device: Optional[Union[str, torch.device]] = None,
-               from_scratch: bool = False) -> nn.Module:
-    """The causal LM in `cfg_model.path` (a LlamaForCausalLM for LLaMA checkpoints).
+def load_model(path: PathLike, *, dtype: str = "fp32", attn_implementation: str = "sdpa",
+               device: Optional[Union[str, torch.device]] = None, from_scratch: bool = False) -> nn.Module:
+    """The causal LM in `path` (a LlamaForCausalLM for LLaMA checkpoints).
 
-    `cfg_model.path` is a transformers checkpoint folder or a .gguf file (dequantized to
-    `cfg_model.dtype` in memory at every load; see convert_gguf).
+    `path` is a transformers checkpoint folder or a .gguf file (dequantized to `dtype` in
+    memory at every load; see convert_gguf).
 
-    Weights are loaded in `cfg_model.dtype` with `cfg_model.attn_implementation`. With
+    Weights are loaded in `dtype` ('fp32', 'bf16', 'fp16') with `attn_implementation`. With
     `from_scratch=True` only config.json is read and the weights are randomly initialised
     (seed torch before calling); this is how source models are pretrained. `device` moves
     the model there after loading (default: stay on the CPU).
@@ -84,19 +77,19 @@ def load_model(cfg_model, *, device: Optional[Union[str, torch.device]] = None,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # absolute, so that adapters saved from this model record a base path usable from anywhere
-    path = Path(cfg_model.path).expanduser().resolve()
-    dtype = to_dtype(cfg_model.dtype)
+    path = Path(path).expanduser().resolve()
+    torch_dtype = to_dtype(dtype)
     if is_gguf(path):  # read (and dequantized) in memory each time; nothing is written
         from dirtune.models.convert_gguf import load_gguf_config, load_gguf_model
 
         if from_scratch:
-            model = AutoModelForCausalLM.from_config(load_gguf_config(path), dtype=dtype,
-                                                     attn_implementation=cfg_model.attn_implementation)
+            model = AutoModelForCausalLM.from_config(load_gguf_config(path), dtype=torch_dtype,
+                                                     attn_implementation=attn_implementation)
         else:
-            model = load_gguf_model(path, dtype, cfg_model.attn_implementation)
+            model = load_gguf_model(path, torch_dtype, attn_implementation)
         return model.to(device) if device is not None else model
     _check_checkpoint_dir(path, need_weights=not from_scratch)
-    kwargs = dict(dtype=dtype, attn_implementation=cfg_model.attn_implementation)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
     try:
         if from_scratch:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -309,17 +302,3 @@ def save_tokenizer_from_sentencepiece(model_file: PathLike, out_dir: PathLike):
     if model_file.resolve() != (out / SPM_FILE).resolve():
         shutil.copyfile(model_file, out / SPM_FILE)
     return tok
-
-
-def check_tokenizer_matches(model: nn.Module, tokenizer) -> None:
-    """ModelError unless every token id of `tokenizer` (and its bos/eos) has an embedding row."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
-    if len(tokenizer) > rows:
-        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's "
-                         f"embedding has {rows} rows; use the tokenizer the model was trained with")
-    for which in ("bos_token_id", "eos_token_id"):
-        tid = getattr(tokenizer, which, None)
-        if tid is not None and not 0 <= tid < rows:
-            raise ModelError(f"{name}: {which} {tid} is outside the model's embedding "
-                             f"of {rows} rows (tokenizer has {len(tokenizer)} tokens)")

@@ -1,7 +1,7 @@
 """LoRA through PEFT, full fine-tuning setup, loading a trained model for inference, generation.
 
 PEFT does the adapting; this module adds what it lacks: a readable error when a target name
-matches nothing, LoRA+ parameter groups, and one loader for adapter and full checkpoints.
+matches nothing, and one loader for adapter and full checkpoints.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ __all__ = [
     "generate_text",
     "linear_module_names",
     "load_for_inference",
-    "lora_param_groups",
     "merge_lora",
     "prepare_full_finetune",
     "prompt_ids",
@@ -72,37 +71,6 @@ def apply_lora(model: nn.Module, cfg_finetune):
     return get_peft_model(model, lora_config)
 
 
-def lora_param_groups(model: nn.Module, lr: float, weight_decay: float,
-                      loraplus_ratio: Optional[float] = None) -> list[dict]:
-    """Optimizer parameter groups for a LoRA model; LoRA+ gives B the learning rate lr * ratio.
-
-    Groups (empty ones left out), each with a 'name' key:
-      lora_A    every A matrix                        lr,          weight_decay
-      lora_B    every B matrix                        lr * ratio,  weight_decay   (ratio 1 if None)
-      no_decay  DoRA magnitudes and other 1-D tensors lr,          0  (a decayed gain shrinks the weight)
-      other     any other trainable tensor            lr,          weight_decay
-    """
-    ratio = 1.0 if loraplus_ratio is None else float(loraplus_ratio)
-    if ratio <= 0:
-        raise ModelError(f"finetune.loraplus_ratio: {loraplus_ratio!r} is not valid; expected a number > 0")
-    buckets: dict[str, list] = {"lora_A": [], "lora_B": [], "no_decay": [], "other": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".lora_A." in name or ".lora_embedding_A." in name:
-            buckets["lora_A"].append(p)
-        elif ".lora_B." in name or ".lora_embedding_B." in name:
-            buckets["lora_B"].append(p)
-        elif "lora_magnitude_vector" in name or p.ndim < 2:
-            buckets["no_decay"].append(p)
-        else:
-            buckets["other"].append(p)
-    settings = {"lora_A": (lr, weight_decay), "lora_B": (lr * ratio, weight_decay),
-                "no_decay": (lr, 0.0), "other": (lr, weight_decay)}
-    return [{"name": k, "params": ps, "lr": settings[k][0], "weight_decay": settings[k][1]}
-            for k, ps in buckets.items() if ps]
-
-
 def merge_lora(model) -> nn.Module:
     """The base model with the adapters folded into its weights (W0 + s·B·A), PEFT removed."""
     if not hasattr(model, "merge_and_unload"):
@@ -148,12 +116,9 @@ def load_for_inference(path: PathLike, *, base: Optional[PathLike] = None, dtype
     file): `base`, else the config's base_model_name_or_path (as written, else relative to the
     adapter folder). The tokenizer comes from `path` when it holds one, else from the base model.
     """
-    from dirtune.train.config import ModelConfig
-
     path = Path(path).expanduser()
     if is_gguf(path):
-        cfg = ModelConfig(path=str(path), dtype=dtype, attn_implementation=attn_implementation)
-        model = load_model(cfg, device=device)
+        model = load_model(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
         model.eval()
         return model, load_tokenizer(path)
     if path.is_file():
@@ -162,8 +127,7 @@ def load_for_inference(path: PathLike, *, base: Optional[PathLike] = None, dtype
         raise ModelError(f"{path}: model or adapter folder not found")
     acfg = path / ADAPTER_CONFIG
     if not acfg.is_file():
-        cfg = ModelConfig(path=str(path), dtype=dtype, attn_implementation=attn_implementation)
-        model = load_model(cfg, device=device)
+        model = load_model(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
         tokenizer = load_tokenizer(path)
     else:
         from peft import PeftModel
@@ -180,8 +144,8 @@ def load_for_inference(path: PathLike, *, base: Optional[PathLike] = None, dtype
             base = Path(base).expanduser()
         if not (base.is_dir() or is_gguf(base) and base.is_file()):
             raise ModelError(f"{acfg}: base model folder {base} not found; pass the base model folder")
-        cfg = ModelConfig(path=str(base), dtype=dtype, attn_implementation=attn_implementation)
-        model = PeftModel.from_pretrained(load_model(cfg), str(path))
+        base_model = load_model(base, dtype=dtype, attn_implementation=attn_implementation)
+        model = PeftModel.from_pretrained(base_model, str(path))
         if device is not None:
             model = model.to(device)
         tokenizer = load_tokenizer(path if _has_tokenizer(path) else base)

@@ -6,7 +6,6 @@ import math
 import re
 import signal
 import sys
-import time
 from typing import Any, Callable
 
 import torch
@@ -15,7 +14,7 @@ from transformers import TrainerCallback
 
 from dirtune.method import sharded
 from dirtune.train.distributed import any_process
-from dirtune.train.faults import NonFiniteError  # noqa: F401  (raised here; re-exported for dirtune.errors)
+from dirtune.train.faults import NonFiniteError
 from dirtune.train.run_folder import MetricsLog
 
 
@@ -273,12 +272,3 @@ class FaultGuard(TrainerCallback):
                              "no longer give finite outputs; stopped without saving them (the checkpoints "
                              "already written are untouched). Resume from an earlier checkpoint with a lower "
                              "optimizer.lr, or check the data")
-
-
-class Timer(TrainerCallback):
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

@@ -18,18 +18,21 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from dirtune.models.llama import PROJECTIONS
+
 
 class ConfigError(ValueError):
     """A config problem a person can fix: the message names the key and what is accepted."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its default and help text (a list or dict default is copied per instance)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = list(PROJECTIONS)
 # data.columns keys: our record fields, the fields inside a chat message, the role values
 COLUMN_KEYS = ("instruction", "input", "output", "messages", "text", "role", "content",
                "system", "user", "assistant")
@@ -37,122 +40,122 @@ COLUMN_KEYS = ("instruction", "input", "output", "messages", "text", "role", "co
 
 @dataclass
 class ModelConfig:
-    path: str = _f("", "transformers checkpoint directory (config.json, weights, tokenizer), or a .gguf file")
-    tokenizer: Optional[str] = _f(None, "tokenizer directory (or .gguf file) if not beside the weights")
-    dtype: Literal["fp32", "bf16", "fp16"] = _f("fp32", "dtype the weights are loaded and trained in")
-    gradient_checkpointing: bool = _f(False, "recompute activations: less memory, ~30% more time")
-    attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel")
-    from_scratch: bool = _f(False, "random initialisation from path/config.json (pretraining a source model)")
+    path: str = option("", "transformers checkpoint directory (config.json, weights, tokenizer), or a .gguf file")
+    tokenizer: Optional[str] = option(None, "tokenizer directory (or .gguf file) if not beside the weights")
+    dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "dtype the weights are loaded and trained in")
+    gradient_checkpointing: bool = option(False, "recompute activations: less memory, ~30% more time")
+    attn_implementation: Literal["sdpa", "eager"] = option("sdpa", "attention kernel")
+    from_scratch: bool = option(False, "random initialisation from path/config.json (pretraining a source model)")
 
 
 @dataclass
 class FinetuneConfig:
-    type: Literal["lora", "full"] = _f("lora", "LoRA adapters (PEFT) or every weight trainable")
-    lora_r: int = _f(16, "LoRA rank; higher adapts more and costs more memory")
-    lora_alpha: float = _f(32.0, "LoRA scale numerator: scale = alpha / r")
-    lora_dropout: float = _f(0.05, "dropout on the LoRA branch input")
-    lora_targets: list[str] = _f(list(ALL_LINEAR), "module names that get adapters")
-    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA), a baseline")
-    loraplus_ratio: Optional[float] = _f(None, "LoRA+: learning rate of B is this times that of A")
-    train_embeddings: bool = _f(False, "full fine-tuning only: also train embeddings and lm_head")
+    type: Literal["lora", "full"] = option("lora", "LoRA adapters (PEFT) or every weight trainable")
+    lora_r: int = option(16, "LoRA rank; higher adapts more and costs more memory")
+    lora_alpha: float = option(32.0, "LoRA scale numerator: scale = alpha / r")
+    lora_dropout: float = option(0.05, "dropout on the LoRA branch input")
+    lora_targets: list[str] = option(list(ALL_LINEAR), "module names that get adapters")
+    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA), a baseline")
+    loraplus_ratio: Optional[float] = option(None, "LoRA+: learning rate of B is this times that of A")
+    train_embeddings: bool = option(False, "full fine-tuning only: also train embeddings and lm_head")
 
 
 @dataclass
 class DataConfig:
-    train_file: Union[str, list[str]] = _f(
+    train_file: Union[str, list[str]] = option(
         "", "training data: a .json/.jsonl (alpaca or chat), .txt (plain text), .parquet or .arrow file, "
             "a save_to_disk folder, or a list of them")
-    valid_file: Optional[Union[str, list[str]]] = _f(None, "validation file(s); if unset, valid_ratio of train_file")
-    valid_ratio: float = _f(0.05, "share of train_file held out for validation")
-    test_file: Optional[Union[str, list[str]]] = _f(None, "optional test file(s), evaluated at the end")
-    test_ratio: float = _f(0.0, "share of train_file held out as the test split (when test_file is unset)")
-    forget_file: Optional[str] = _f(None, "text from the source domain: its loss measures forgetting")
-    forget_files: list[str] = _f([], "named forget sets, 'name=path' each, evaluated beside valid as "
+    valid_file: Optional[Union[str, list[str]]] = option(None, "validation file(s); if unset, valid_ratio of train_file")
+    valid_ratio: float = option(0.05, "share of train_file held out for validation")
+    test_file: Optional[Union[str, list[str]]] = option(None, "optional test file(s), evaluated at the end")
+    test_ratio: float = option(0.0, "share of train_file held out as the test split (when test_file is unset)")
+    forget_file: Optional[str] = option(None, "text from the source domain: its loss measures forgetting")
+    forget_files: list[str] = option([], "named forget sets, 'name=path' each, evaluated beside valid as "
                                      "forget_<name>_loss: text (blocks) or alpaca/chat records (loss on "
                                      "the responses, under the run's template)")
-    format: Literal["auto", "alpaca", "chat", "text"] = _f("auto", "record format")
-    template: Literal["auto", "llama2", "tokenizer", "plain"] = _f(
+    format: Literal["auto", "alpaca", "chat", "text"] = option("auto", "record format")
+    template: Literal["auto", "llama2", "tokenizer", "plain"] = option(
         "auto", "prompt rendering: llama2 [INST], the tokenizer's chat template, or plain; auto: the tokenizer's if it has one")
-    max_length: int = _f(512, "tokens per example (and per packed block)")
-    overlong: Literal["truncate", "reject"] = _f("truncate", "what to do with longer examples")
-    packing: bool = _f(False, "pack examples into max_length blocks (text is always blocked)")
-    train_on_prompt: bool = _f(False, "also compute the loss on the prompt tokens")
-    max_samples: Optional[int] = _f(None, "use only the first N training records")
-    max_eval_samples: Optional[int] = _f(None, "use only the first N validation records (and forget-text rows)")
-    seed: int = _f(0, "seed of the validation split")
-    train_weights: Optional[list[float]] = _f(
+    max_length: int = option(512, "tokens per example (and per packed block)")
+    overlong: Literal["truncate", "reject"] = option("truncate", "what to do with longer examples")
+    packing: bool = option(False, "pack examples into max_length blocks (text is always blocked)")
+    train_on_prompt: bool = option(False, "also compute the loss on the prompt tokens")
+    max_samples: Optional[int] = option(None, "use only the first N training records")
+    max_eval_samples: Optional[int] = option(None, "use only the first N validation records (and forget-text rows)")
+    seed: int = option(0, "seed of the validation split")
+    train_weights: Optional[list[float]] = option(
         None, "mixing weights, one per train_file: each file's share of the training records "
               "(a file is subsampled or repeated to fit); null: every record of every file once")
-    columns: dict[str, str] = _f(
+    columns: dict[str, str] = option(
         {}, "record template: our field name -> yours, e.g. {instruction: question, output: answer}; "
             "keys: " + ", ".join(COLUMN_KEYS))
 
 
 @dataclass
 class MethodConfig:
-    penalty: Literal["none", "coupled", "decoupled"] = _f(
+    penalty: Literal["none", "coupled", "decoupled"] = option(
         "none", "weight direction penalty: in the loss (coupled) or applied by the optimizer")
-    direction_weight: float = _f(0.0, "lambda_dir: strength of the direction penalty")
-    schedule: Literal["constant", "decay", "warmup"] = _f(
+    direction_weight: float = option(0.0, "lambda_dir: strength of the direction penalty")
+    schedule: Literal["constant", "decay", "warmup"] = option(
         "constant", "strengths over training (lambda_dir; balanced_adamw's decay): constant, decay to 0, warmup from 0")
-    granularity: Literal["row", "tensor"] = _f("row", "one direction per output row or per tensor")
-    targets: list[str] = _f(list(ALL_LINEAR), "module names the penalty covers")
-    reference_dtype: Literal["fp32", "bf16", "fp16", "same"] = _f(
+    granularity: Literal["row", "tensor"] = option("row", "one direction per output row or per tensor")
+    targets: list[str] = option(list(ALL_LINEAR), "module names the penalty covers")
+    reference_dtype: Literal["fp32", "bf16", "fp16", "same"] = option(
         "bf16", "dtype of the stored pretrained references (full fine-tuning only)")
-    reference_device: Literal["same", "cpu"] = _f("same", "where references/anchors live")
-    every: int = _f(1, "lazy regularization (coupled penalty): apply it every k steps with weight k*lambda_dir; 1 = every step")
+    reference_device: Literal["same", "cpu"] = option("same", "where references/anchors live")
+    every: int = option(1, "lazy regularization (coupled penalty): apply it every k steps with weight k*lambda_dir; 1 = every step")
 
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "balanced_adamw"] = _f("adamw", "torch AdamW baseline or BalancedAdamW")
-    lr: float = _f(2e-4, "peak learning rate")
-    weight_decay: float = _f(0.0, "lambda: decay strength (towards the anchor for balanced_adamw)")
-    betas: list[float] = _f([0.9, 0.999], "Adam moment coefficients")
-    eps: float = _f(1e-8, "Adam epsilon")
-    anchor: Literal["init", "zero", "none"] = _f("init", "balanced_adamw: where decay pulls to")
-    balance: Literal["none", "scale", "selective"] = _f("scale", "balanced_adamw: per-tensor b_i")
-    anchor_dtype: Literal["fp32", "bf16", "fp16"] = _f("bf16", "balanced_adamw: anchor storage dtype")
-    foreach: Optional[bool] = _f(None, "force the foreach (True) or single-tensor (False) path")
-    fused: Optional[bool] = _f(
+    name: Literal["adamw", "balanced_adamw"] = option("adamw", "torch AdamW baseline or BalancedAdamW")
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "lambda: decay strength (towards the anchor for balanced_adamw)")
+    betas: list[float] = option([0.9, 0.999], "Adam moment coefficients")
+    eps: float = option(1e-8, "Adam epsilon")
+    anchor: Literal["init", "zero", "none"] = option("init", "balanced_adamw: where decay pulls to")
+    balance: Literal["none", "scale", "selective"] = option("scale", "balanced_adamw: per-tensor b_i")
+    anchor_dtype: Literal["fp32", "bf16", "fp16"] = option("bf16", "balanced_adamw: anchor storage dtype")
+    foreach: Optional[bool] = option(None, "force the foreach (True) or single-tensor (False) path")
+    fused: Optional[bool] = option(
         None, "fused Triton step of balanced_adamw (true), not (false), or null = fused when every parameter is on CUDA and Triton imports")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _f("runs/run", "run folder: metrics, checkpoints, plots, resolved config")
-    seed: int = _f(42, "seed of initialisation, dropout and data order")
-    max_steps: int = _f(1000, "optimizer steps; -1 to use num_epochs")
-    num_epochs: float = _f(1.0, "epochs, used when max_steps is -1")
-    batch_size: int = _f(8, "examples per device per micro-batch")
-    eval_batch_size: int = _f(16, "examples per device per evaluation batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warmup")
-    warmup_steps: int = _f(0, "linear warmup steps (overrides warmup_ratio when > 0)")
-    warmup_ratio: float = _f(0.0, "warmup as a share of max_steps")
-    max_grad_norm: float = _f(1.0, "gradient clipping; 0 disables")
-    mixed_precision: Literal["no", "bf16", "fp16"] = _f(
+    output_dir: str = option("runs/run", "run folder: metrics, checkpoints, plots, resolved config")
+    seed: int = option(42, "seed of initialisation, dropout and data order")
+    max_steps: int = option(1000, "optimizer steps; -1 to use num_epochs")
+    num_epochs: float = option(1.0, "epochs, used when max_steps is -1")
+    batch_size: int = option(8, "examples per device per micro-batch")
+    eval_batch_size: int = option(16, "examples per device per evaluation batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = option("cosine", "decay after warmup")
+    warmup_steps: int = option(0, "linear warmup steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = option(0.0, "warmup as a share of max_steps")
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 disables")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
         "no", "autocast compute dtype over model.dtype weights (fp32 weights + bf16 = classic AMP); GPU only")
-    eval_every: int = _f(50, "validation every k steps (and at step 0)")
-    target_loss: Optional[float] = _f(None, "stop at the first evaluation with loss <= this")
-    save_every: int = _f(0, "checkpoint every k steps; 0 = only at evaluations that improve")
-    save_total_limit: int = _f(2, "checkpoints kept besides the best")
-    save_only_model: bool = _f(
+    eval_every: int = option(50, "validation every k steps (and at step 0)")
+    target_loss: Optional[float] = option(None, "stop at the first evaluation with loss <= this")
+    save_every: int = option(0, "checkpoint every k steps; 0 = only at evaluations that improve")
+    save_total_limit: int = option(2, "checkpoints kept besides the best")
+    save_only_model: bool = option(
         False, "checkpoints hold the weights alone (no optimizer state): smaller and faster, not resumable")
-    keep_best: Literal["disk", "memory"] = _f(
+    keep_best: Literal["disk", "memory"] = option(
         "disk", "best weights (lowest validation loss): a checkpoint folder at each improvement, or a copy in "
         "memory (no folders; not kept across a resume), put back at the end")
-    save_final: bool = _f(True, "write final/ (the best weights) at the end; false for runs whose weights nobody reads")
-    plot: bool = _f(True, "draw loss.png at the end of the run")
-    log_every: int = _f(1, "log training metrics every k steps")
-    drift_every: int = _f(10, "compute angle/drift to the pretrained weights every k steps")
-    resume: Optional[str] = _f(None, "checkpoint folder, or 'auto' for the newest in output_dir")
-    overwrite: bool = _f(False, "allow writing into an output_dir that already holds a run")
-    nan_policy: Literal["stop", "skip"] = _f("stop", "on a NaN/Inf loss or gradient")
-    num_workers: int = _f(0, "data loader workers")
-    report_to: list[str] = _f(["tensorboard"], "extra loggers: tensorboard, or none")
-    progress: bool = _f(True, "show a progress bar")
-    device: str = _f("auto", "auto (GPU if any), cpu, cuda or cuda:N")
+    save_final: bool = option(True, "write final/ (the best weights) at the end; false for runs whose weights nobody reads")
+    plot: bool = option(True, "draw loss.png at the end of the run")
+    log_every: int = option(1, "log training metrics every k steps")
+    drift_every: int = option(10, "compute angle/drift to the pretrained weights every k steps")
+    resume: Optional[str] = option(None, "checkpoint folder, or 'auto' for the newest in output_dir")
+    overwrite: bool = option(False, "allow writing into an output_dir that already holds a run")
+    nan_policy: Literal["stop", "skip"] = option("stop", "on a NaN/Inf loss or gradient")
+    num_workers: int = option(0, "data loader workers")
+    report_to: list[str] = option(["tensorboard"], "extra loggers: tensorboard, or none")
+    progress: bool = option(True, "show a progress bar")
+    device: str = option("auto", "auto (GPU if any), cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -248,7 +251,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise bad
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """The dataclass `cls` (a config section, or the whole Config) from a mapping; ConfigError
+    naming the dotted key (`where` is the section's own) for an unknown key or a bad value."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -264,7 +269,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
             raise ConfigError(f"unknown key {dotted!r}{hint}; accepted: {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted)
+            kwargs[key] = build_section(tp, value, dotted)
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     return cls(**kwargs)
@@ -439,7 +444,7 @@ def _validate_data_mix(data: DataConfig) -> None:
 
 def from_dict(data: dict, source: str = "config") -> Config:
     try:
-        return validate(_build(Config, data, ""))
+        return validate(build_section(Config, data, ""))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

@@ -234,13 +234,6 @@ def claim(out: Path, resume_ckpt: Path | None) -> None:
         faults.set_aside_corrupt(out, faults.step_of(resume_ckpt))
 
 
-def prepare(cfg: Config) -> tuple[Path, Path | None]:
-    """resolve() then claim(): the folder and the checkpoint to resume from (or None)."""
-    out, ckpt = resolve(cfg)
-    claim(out, ckpt)
-    return out, ckpt
-
-
 def sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -249,18 +242,28 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def git_state(package_only: bool = False) -> tuple[str, bool] | None:
+    """(HEAD commit, whether tracked files have uncommitted changes) of the dirtune checkout, or
+    None for an installed wheel. `package_only`: changes under src/dirtune alone count."""
+    package = Path(__file__).resolve().parents[1]
+    scope = ["--", "."] if package_only else []
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *scope], cwd=package,
+                                capture_output=True, text=True, timeout=10)
+        if status.returncode != 0:
+            return None
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip(), status.stdout.strip() != ""
+
+
 def git_commit() -> str:
     """The dirtune checkout's commit (with '+dirty' if modified), or 'unknown' for an installed wheel."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    state = git_state()
+    return "unknown" if state is None else state[0] + ("+dirty" if state[1] else "")
 
 
 def versions() -> dict[str, str]:

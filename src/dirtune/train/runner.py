@@ -1,79 +1,68 @@
 """`run_training(cfg)`: the one training entry the CLI, the demo and the bench all call.
 
-config -> run folder checked -> model (+LoRA) and data -> run folder claimed -> DirtuneTrainer
-with callbacks -> final/ and summary.json
+Shaped like a torchtune recipe, in three parts:
+
+    setup   config -> run folder checked -> model (+LoRA), data, the method (compose.build_method)
+            -> run folder claimed -> DirtuneTrainer with its callbacks
+    train   trainer.train(): the training step is DirtuneTrainer.compute_loss (task loss +
+            the coupled penalty) and the optimizer the method's plan built
+    finish  best weights back, test loss, final/, summary.json, loss.png
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from dirtune.data import collate
 from dirtune.data.cache import build_datasets_cached
-from dirtune.models.direction import DirectionPenalty
 from dirtune.models.loading import check_tokenizer_matches, count_parameters, load_model, load_tokenizer
 from dirtune.models.lora import apply_lora, prepare_full_finetune
 from dirtune.train import distributed, run_folder
 from dirtune.train.callbacks import BestInMemory, DriftMeter, EvalRecorder, FaultGuard, Progress
+from dirtune.train.compose import MethodParts, build_method
 from dirtune.train.config import Config, ConfigError, check_device
 from dirtune.train.faults import save_model_atomically
+from dirtune.train.gpus import narrow_visible_gpus
 from dirtune.train.plots import plot_run
 from dirtune.train.schedule import StrengthSchedule
-from dirtune.train.trainer import DTYPES, DirtuneTrainer
+from dirtune.train.trainer import DirtuneTrainer
 
 
 def _select_device(device: str) -> None:
     """'cuda:N' for one process: narrow the visible GPUs before CUDA starts, so that Trainer
     (which always takes the current device) lands on GPU N."""
     if device.startswith("cuda:") and not torch.cuda.is_initialized():
-        index = device.split(":", 1)[1]
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible:
-            ids = [v.strip() for v in visible.split(",")]
-            index = ids[int(index)] if int(index) < len(ids) else index
-        os.environ["CUDA_VISIBLE_DEVICES"] = index
+        narrow_visible_gpus(int(device.split(":", 1)[1]))
 
 
 def build_model(cfg: Config, tokenizer=None):
     """Load (or initialise) the model and wrap it for LoRA or full fine-tuning."""
     # the model first: a wrong model.path is then reported as a missing model, not a tokenizer
-    model = load_model(cfg.model, from_scratch=cfg.model.from_scratch)
-    tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    m = cfg.model
+    model = load_model(m.path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                       from_scratch=m.from_scratch)
+    tokenizer = tokenizer or load_tokenizer(m.tokenizer or m.path)
     check_tokenizer_matches(model, tokenizer)
-    if cfg.model.gradient_checkpointing:
+    if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.finetune.type == "lora":
-        if cfg.model.gradient_checkpointing:
+        if m.gradient_checkpointing:
             model.enable_input_require_grads()
         model = apply_lora(model, cfg.finetune)
     else:
         prepare_full_finetune(model, cfg.finetune.train_embeddings)
     return model, tokenizer
-
-
-def build_penalty(model, cfg: Config):
-    """The coupled penalty (weight lambda_dir), or a weight-0 instance used only to measure drift."""
-    coupled = cfg.method.penalty == "coupled"
-    # DoRA rescales each column by a learned magnitude: W is no longer W0 + s·B·A, so neither
-    # the factored penalty nor the drift metric applies (config.validate refuses coupled + DoRA).
-    if not coupled and (cfg.train.drift_every == 0 or cfg.finetune.use_dora):
-        return None
-    ref_dtype = None if cfg.method.reference_dtype == "same" else DTYPES[cfg.method.reference_dtype]
-    return DirectionPenalty(model, cfg.method.direction_weight if coupled else 0.0,
-                            granularity=cfg.method.granularity, targets=tuple(cfg.method.targets),
-                            reference_dtype=ref_dtype,
-                            reference_device="cpu" if cfg.method.reference_device == "cpu" else None)
 
 
 def training_arguments(cfg: Config, out: Path, resuming: bool, has_valid: bool) -> TrainingArguments:
@@ -133,8 +122,11 @@ def trained_model(output_dir: str | Path):
 
 def run_training(cfg: Config) -> dict:
     """Train per `cfg`; write the run folder; return the summary (also in summary.json)."""
+    started = time.perf_counter()
     try:
-        return _run_training(cfg)
+        run = setup(cfg)
+        train(run)
+        return finish(run, started)
     except BaseException:
         run_folder.restore_if_failed()  # a run --overwrite was replacing returns if no checkpoint was written
         raise
@@ -142,9 +134,60 @@ def run_training(cfg: Config) -> dict:
         run_folder.release()  # the run folder's lock
 
 
-def _run_training(cfg: Config) -> dict:
-    started = time.perf_counter()
+@dataclass
+class Run:
+    """One training run between setup and finish: what setup built and finish reads."""
+
+    cfg: Config
+    out: Path
+    resume_ckpt: Path | None
+    is_main: bool
+    world: int
+    tokenizer: Any
+    data: Any                      # data.DataBundle
+    method: MethodParts
+    log: Any                       # run_folder.MetricsLog, or distributed.Unlogged off the main process
+    trainer: DirtuneTrainer | None = None
+    recorder: EvalRecorder | None = None
+    guard: FaultGuard | None = None
+    best: BestInMemory | None = None
+    clock: distributed.StepClock | None = None
+    extra: dict = field(default_factory=dict)   # drift metrics and strengths for the next log line
+
+
+def setup(cfg: Config) -> Run:
+    """Everything before the first step: the folder resolved, model, data and method built and
+    checked, only then the folder claimed, and the trainer made."""
     _LAST.clear()  # the previous run's model: free it before this one loads
+    is_main, world = _start_processes(cfg)
+    out, resume_ckpt = distributed.on_main(lambda: run_folder.resolve(cfg), is_main, world)
+    set_seed(cfg.train.seed)  # the same on every process: the same initial weights
+    transformers.logging.set_verbosity_error()
+    # our bar shows steps, loss and ETA; transformers' per-file load/save bars would interleave with it
+    transformers.logging.disable_progress_bar()
+
+    model, tokenizer = build_model(cfg)
+    data = build_datasets_cached(cfg.data, tokenizer)  # the same data as the last runs: built once
+    if is_main:
+        print(data.summary(), file=sys.stderr)
+    method = build_method(model, cfg)
+    # Only now, with the model, the data and the method checked, touch the folder: a typo in
+    # the config or a bad record never costs the run already there.
+    if is_main:
+        run_folder.claim(out, resume_ckpt)
+        run_folder.write_manifest(out, cfg, data.data_files,
+                                  {"parameters": count_parameters(model), "data": data.stats,
+                                   "world_size": world})
+    resume_step = _resume_step(resume_ckpt, is_main)
+    log = run_folder.MetricsLog(out / "metrics.jsonl", resume_step) if is_main else distributed.Unlogged()
+    run = Run(cfg, out, resume_ckpt, is_main, world, tokenizer, data, method, log)
+    _make_trainer(run, model)
+    return run
+
+
+def _start_processes(cfg: Config) -> tuple[bool, int]:
+    """(is this the main process, how many processes): the device narrowed and checked, and the
+    options a run of several processes cannot honour refused."""
     _select_device(cfg.train.device)
     check_device(cfg.train.device)
     # several processes (accelerate launch): all train, the main one alone writes the folder
@@ -156,98 +199,102 @@ def _run_training(cfg: Config) -> dict:
     if world > 1 and cfg.train.keep_best == "memory":
         raise ConfigError("train.keep_best: memory is for single-process runs; "
                           f"this run has {world} processes, use disk")
-    out, resume_ckpt = distributed.on_main(lambda: run_folder.resolve(cfg), is_main, world)
-    set_seed(cfg.train.seed)  # the same on every process: the same initial weights
-    transformers.logging.set_verbosity_error()
-    # our bar shows steps, loss and ETA; transformers' per-file load/save bars would interleave with it
-    transformers.logging.disable_progress_bar()
+    return is_main, world
 
-    model, tokenizer = build_model(cfg)
-    data = build_datasets_cached(cfg.data, tokenizer)  # the same data as the last runs: built once
-    if is_main:
-        print(data.summary(), file=sys.stderr)
-    penalty = build_penalty(model, cfg)
-    # Only now, with the model, the data and the method checked, touch the folder: a typo in
-    # the config or a bad record never costs the run already there.
-    if is_main:
-        run_folder.claim(out, resume_ckpt)
-        run_folder.write_manifest(out, cfg, data.data_files,
-                                  {"parameters": count_parameters(model), "data": data.stats,
-                                   "world_size": world})
 
-    resume_step = None
-    if resume_ckpt is not None:
-        resume_step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
-        if is_main:
-            print(f"resuming from {resume_ckpt.name} of {resume_ckpt.parent} (step {resume_step})", file=sys.stderr)
-    log = run_folder.MetricsLog(out / "metrics.jsonl", resume_step) if is_main else distributed.Unlogged()
-    extra: dict = {}
+def _resume_step(resume_ckpt: Path | None, is_main: bool) -> int | None:
+    if resume_ckpt is None:
+        return None
+    step = json.loads((resume_ckpt / "trainer_state.json").read_text())["global_step"]
+    if is_main:
+        print(f"resuming from {resume_ckpt.name} of {resume_ckpt.parent} (step {step})", file=sys.stderr)
+    return step
+
+
+def _eval_sets(data) -> dict:
+    """The datasets evaluated at every evaluation, forget sets first: EvalRecorder writes one
+    line when "valid" arrives."""
     evals = {}
     if data.forget is not None and data.valid is not None:
-        evals["forget"] = data.forget  # first: EvalRecorder writes one line when "valid" arrives
+        evals["forget"] = data.forget
     if data.valid is not None:
         evals.update({f"forget_{name}": ds for name, ds in data.forget_sets.items()})
         evals["valid"] = data.valid
+    return evals
+
+
+def _make_trainer(run: Run, model) -> None:
+    """The DirtuneTrainer of `run` and its callbacks: evaluation records and the target stop,
+    the best weights in memory, fault handling, progress, drift, the strength schedule, timing."""
+    cfg, data, method = run.cfg, run.data, run.method
+    evals = _eval_sets(data)
     # transformers 5 takes the TensorBoard folder from the environment only
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
-    args = training_arguments(cfg, out, resume_ckpt is not None, bool(evals))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.out / "tb")
+    args = training_arguments(cfg, run.out, run.resume_ckpt is not None, bool(evals))
     in_memory = bool(evals) and cfg.train.keep_best == "memory"
-    recorder = EvalRecorder(log, cfg.train.target_loss, save_at_target=not in_memory)
     trainer = DirtuneTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=evals or None,
-        data_collator=functools.partial(collate, pad_id=data.pad_id), processing_class=tokenizer,
-        dirtune_cfg=cfg, penalty=penalty if cfg.method.penalty == "coupled" else None,
-        metrics_log=log, extra_logs=extra,
+        data_collator=data.collator(), processing_class=run.tokenizer,
+        dirtune_cfg=cfg, penalty=method.penalty, optimizer_plan=method.optimizer,
+        metrics_log=run.log, extra_logs=run.extra,
     )
-    guard = FaultGuard(cfg.train.nan_policy, log, lambda: trainer.last_loss)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    trainer.add_callback(recorder)
-    best = BestInMemory() if in_memory else None
-    if best is not None:
-        trainer.add_callback(best)
-    trainer.add_callback(guard)
-    trainer.add_callback(Progress(cfg.train.progress))
-    if penalty is not None and cfg.train.drift_every > 0:
-        trainer.add_callback(DriftMeter(penalty.angles, cfg.train.drift_every, extra))
+    run.recorder = EvalRecorder(run.log, cfg.train.target_loss, save_at_target=not in_memory)
+    run.guard = FaultGuard(cfg.train.nan_policy, run.log, lambda: trainer.last_loss)
+    run.best = BestInMemory() if in_memory else None
+    run.clock = distributed.StepClock()
+    callbacks = [run.recorder, run.best, run.guard, Progress(cfg.train.progress)]
+    if method.meter is not None:
+        callbacks.append(DriftMeter(method.meter.angles, cfg.train.drift_every, run.extra))
     if cfg.method.schedule != "constant":
-        trainer.add_callback(StrengthSchedule(cfg.method.schedule, penalty if cfg.method.penalty == "coupled" else None,
-                                              decay=cfg.optimizer.name == "balanced_adamw", sink=extra))
-    clock = distributed.StepClock()
-    trainer.add_callback(clock)
+        callbacks.append(StrengthSchedule(cfg.method.schedule, method.penalty,
+                                          decay=cfg.optimizer.name == "balanced_adamw", sink=run.extra))
+    for cb in callbacks + [run.clock]:
+        if cb is not None:
+            trainer.add_callback(cb)
+    run.trainer = trainer
 
+
+def train(run: Run) -> None:
+    """The training loop (transformers' Trainer; each step's loss is DirtuneTrainer.compute_loss)."""
     try:
-        trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
+        run.trainer.train(resume_from_checkpoint=str(run.resume_ckpt) if run.resume_ckpt else None)
     finally:  # also when a NonFiniteError stops the run: give the signals back to the caller
-        guard.release_signals()
+        run.guard.release_signals()
 
+
+def finish(run: Run, started: float) -> dict:
+    """After the last step: the best weights back, the test loss, final/, the summary (written to
+    summary.json unless interrupted) and loss.png."""
+    cfg, trainer, data = run.cfg, run.trainer, run.data
     test_loss = final = None
-    if guard.interrupted is None:
-        if best is not None:
-            best.restore(trainer.state.global_step)
+    if run.guard.interrupted is None:
+        if run.best is not None:
+            run.best.restore(trainer.state.global_step)
         if data.test is not None:
             test_loss = trainer.evaluate(eval_dataset={"test": data.test})["eval_test_loss"]
         # the model in memory: the best weights when validated (load_best_model_at_end or
         # BestInMemory), else the last
         if cfg.train.save_final:
-            final = save_model_atomically(trainer, out / "final")
-        _LAST.update(out=Path(out).resolve(), model=trainer.model, tokenizer=tokenizer)
-    records = log.read()
-    summary = summarise(records, cfg, recorder.target_step, trainer, test_loss)
+            final = save_model_atomically(trainer, run.out / "final")
+        _LAST.update(out=Path(run.out).resolve(), model=trainer.model, tokenizer=run.tokenizer)
+    records = run.log.read()
+    summary = summarise(records, cfg, run.recorder.target_step, trainer, test_loss)
     if data.forget_sets:  # absent otherwise: readers then fall back on forget_loss_start/end
         summary["forget"] = forget_summary(records, summary["best_step"], data.forget_sets)
-    summary["epochs"] = _epochs(trainer.state.global_step, cfg, world, len(data.train))
-    if in_memory:  # final/ holds the best weights; there is no checkpoint folder
+    summary["epochs"] = _epochs(trainer.state.global_step, cfg, run.world, len(data.train))
+    if run.best is not None:  # keep_best=memory: final/ holds the best weights; no checkpoint folder
         summary["best_checkpoint"] = str(final) if final else None
-    summary.update(wall_time_s=time.perf_counter() - started, interrupted=guard.interrupted,
-                   skipped_steps=guard.skipped, data=data.stats, final_model=str(final) if final else None,
-                   **distributed.timing_summary(clock, world))
-    if is_main:
-        if guard.interrupted is None:
-            run_folder.write_json_atomically(out / "summary.json", summary)
+    summary.update(wall_time_s=time.perf_counter() - started, interrupted=run.guard.interrupted,
+                   skipped_steps=run.guard.skipped, data=data.stats, final_model=str(final) if final else None,
+                   **distributed.timing_summary(run.clock, run.world))
+    if run.is_main:
+        if run.guard.interrupted is None:
+            run_folder.write_json_atomically(run.out / "summary.json", summary)
         if cfg.train.plot:
-            plot_run(records, out / "loss.png", title=Path(out).name, target=cfg.train.target_loss)
-    distributed.finish(world)
+            plot_run(records, run.out / "loss.png", title=Path(run.out).name, target=cfg.train.target_loss)
+    distributed.finish(run.world)
     return summary
 
 

@@ -1,7 +1,9 @@
-"""transformers.Trainer with the method composed in: the coupled penalty in the loss, and the
-optimizer (AdamW baseline or BalancedAdamW, LoRA+ groups) built from the config.
+"""transformers.Trainer with the method composed in: the coupled penalty in the loss
+(`compute_loss`: the training step's loss reads here), the optimizer from its plan
+(`create_optimizer`), and the task loss and the penalty logged apart (`log`).
 
-Training code only composes the method's pieces; it never reaches into the optimizer's state.
+What the method is (penalty, optimizer, groups) is decided once, in compose.build_method; this
+module only composes the pieces and never reaches into the optimizer's state.
 """
 
 from __future__ import annotations
@@ -9,75 +11,14 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from dirtune.method.balanced_adamw import BalancedAdamW
-from dirtune.train.config import Config, ConfigError
+from dirtune.train import compose
+from dirtune.train.config import Config
 from dirtune.train.faults import AtomicCheckpoints
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _covered(name: str, targets: list[str]) -> bool:
-    """Is parameter `name` the weight of a module the method covers (q_proj, …)?"""
-    parts = name.split(".")
-    return len(parts) >= 2 and parts[-1] == "weight" and (
-        parts[-2] in targets or (parts[-2] == "base_layer" and len(parts) >= 3 and parts[-3] in targets))
-
-
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """Split trainable parameters into optimizer groups.
-
-    full fine-tuning: covered projection weights (decay + decoupled direction turn), other
-    matrices such as embeddings (decay only), and 1-D tensors (norm gains, biases: no decay,
-    as is usual). LoRA: A and B matrices (decay toward zero, i.e. B·A -> the pretrained model),
-    with LoRA+ giving B a learning rate `loraplus_ratio` times larger.
-    """
-    opt, method = cfg.optimizer, cfg.method
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    turn = method.direction_weight if method.penalty == "decoupled" else 0.0
-    groups: dict[str, dict] = {}
-
-    def add(key: str, p: torch.nn.Parameter, **opts):
-        groups.setdefault(key, {"params": [], "name": key, **opts})["params"].append(p)
-
-    if cfg.finetune.type == "lora":
-        ratio = cfg.finetune.loraplus_ratio or 1.0
-        for n, p in trainable:
-            if p.ndim < 2:
-                add("lora_1d", p, weight_decay=0.0, direction_weight=0.0)
-            elif "lora_B" in n:
-                add("lora_B", p, lr=opt.lr * ratio, weight_decay=opt.weight_decay, direction_weight=0.0)
-            else:
-                add("lora_A", p, weight_decay=opt.weight_decay, direction_weight=0.0)
-    else:
-        for n, p in trainable:
-            if p.ndim < 2:
-                add("no_decay", p, weight_decay=0.0, direction_weight=0.0)
-            elif _covered(n, method.targets):
-                add("projections", p, weight_decay=opt.weight_decay, direction_weight=turn)
-            else:
-                add("other_matrices", p, weight_decay=opt.weight_decay, direction_weight=0.0)
-    if not groups:
-        raise ConfigError("no trainable parameters: check finetune.type and finetune.lora_targets")
-    return list(groups.values())
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    opt = cfg.optimizer
-    groups = param_groups(model, cfg)
-    betas = tuple(opt.betas)
-    if opt.name == "adamw":
-        for g in groups:
-            g.pop("direction_weight", None)
-        fused = {} if opt.fused is None else {"fused": opt.fused}   # null: torch's own default
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=betas, eps=opt.eps,
-                                 weight_decay=opt.weight_decay, foreach=opt.foreach, **fused)
-    # LoRA's A/B anchor at zero: B·A = 0 is the pretrained model (method.md §2).
-    anchor = "zero" if cfg.finetune.type == "lora" and opt.anchor == "init" else opt.anchor
-    device = "cpu" if cfg.method.reference_device == "cpu" else None
-    return BalancedAdamW(groups, lr=opt.lr, betas=betas, eps=opt.eps, weight_decay=opt.weight_decay,
-                         anchor=anchor, balance=opt.balance, anchor_dtype=DTYPES[opt.anchor_dtype],
-                         granularity=cfg.method.granularity, anchor_device=device, foreach=opt.foreach,
-                         fused=opt.fused)
+    """The optimizer of `cfg` over `model`'s parameter groups (compose.optimizer_plan)."""
+    return compose.optimizer_plan(cfg).build(model)
 
 
 class DirtuneTrainer(AtomicCheckpoints, Trainer):
@@ -85,9 +26,11 @@ class DirtuneTrainer(AtomicCheckpoints, Trainer):
     logs the task loss, the penalty and any drift metrics separately. Checkpoints are written
     atomically (faults.AtomicCheckpoints)."""
 
-    def __init__(self, *args, dirtune_cfg: Config, penalty=None, metrics_log=None, extra_logs=None, **kwargs):
+    def __init__(self, *args, dirtune_cfg: Config, penalty=None, optimizer_plan: compose.OptimizerPlan | None = None,
+                 metrics_log=None, extra_logs=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.dirtune_cfg = dirtune_cfg
+        self.optimizer_plan = optimizer_plan
         self.penalty = penalty
         self.metrics_log = metrics_log
         self.extra_logs = extra_logs if extra_logs is not None else {}
@@ -98,7 +41,8 @@ class DirtuneTrainer(AtomicCheckpoints, Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = build_optimizer(model if model is not None else self.model, self.dirtune_cfg)
+            plan = self.optimizer_plan or compose.optimizer_plan(self.dirtune_cfg)
+            self.optimizer = plan.build(model if model is not None else self.model)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

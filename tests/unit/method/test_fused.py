@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dirtune.method import update_rules
+from dirtune.method import balanced_adamw as balanced_adamw_module
 from dirtune.method.balanced_adamw import BalancedAdamW
 from dirtune.method.update_rules import _multi_tensor_balanced_adamw
 
@@ -259,7 +259,7 @@ def test_off_device_anchors_are_uploaded_in_batches(monkeypatch):
 def test_cpu_params_never_import_the_fused_module(monkeypatch):
     """fused=None on CPU takes the foreach/loop path (bitwise equal to fused=False), even when
     the fused module cannot be imported and fused-by-default is on."""
-    monkeypatch.setattr(update_rules, "FUSED_BY_DEFAULT", True)
+    monkeypatch.setattr(balanced_adamw_module, "FUSED_BY_DEFAULT", True)
     outs = []
     for flag in (dict(fused=False), dict(fused=None)):
         if flag["fused"] is None:
@@ -278,16 +278,16 @@ def test_fused_by_default_needs_the_switch_cuda_and_triton(monkeypatch):
     on_cuda = [SimpleNamespace(device=torch.device("cuda", 0))] * 2   # stand-ins: only .device is read
     on_cpu = [torch.ones(1)]
     has_triton = importlib.util.find_spec("triton") is not None
-    assert update_rules.FUSED_BY_DEFAULT                                # on by default
-    monkeypatch.setattr(update_rules, "FUSED_BY_DEFAULT", False)
-    assert not update_rules._fused_by_default(on_cuda)                 # the switch turns it off
-    monkeypatch.setattr(update_rules, "FUSED_BY_DEFAULT", True)
-    assert update_rules._fused_by_default(on_cuda) == has_triton
-    assert not update_rules._fused_by_default(on_cpu)
-    assert not update_rules._fused_by_default(on_cuda + on_cpu)
-    assert not update_rules._fused_by_default([])
+    assert balanced_adamw_module.FUSED_BY_DEFAULT                                # on by default
+    monkeypatch.setattr(balanced_adamw_module, "FUSED_BY_DEFAULT", False)
+    assert not balanced_adamw_module._fused_by_default(on_cuda)                 # the switch turns it off
+    monkeypatch.setattr(balanced_adamw_module, "FUSED_BY_DEFAULT", True)
+    assert balanced_adamw_module._fused_by_default(on_cuda) == has_triton
+    assert not balanced_adamw_module._fused_by_default(on_cpu)
+    assert not balanced_adamw_module._fused_by_default(on_cuda + on_cpu)
+    assert not balanced_adamw_module._fused_by_default([])
     monkeypatch.setitem(sys.modules, "dirtune.method.fused", None)     # module missing: foreach
-    assert not update_rules._fused_by_default(on_cuda)
+    assert not balanced_adamw_module._fused_by_default(on_cuda)
 
 
 def test_fused_true_on_cpu_says_it_needs_cuda(monkeypatch):

@@ -15,7 +15,6 @@ from dirtune.cli import main  # noqa: E402
 from dirtune.models.convert_gguf import convert_gguf, is_gguf, load_gguf_model  # noqa: E402
 from dirtune.models.errors import ModelError  # noqa: E402
 from dirtune.models.loading import load_model, load_tokenizer  # noqa: E402
-from dirtune.train.config import ModelConfig  # noqa: E402
 
 HEADS, KV_HEADS = 4, 2
 GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -102,7 +101,7 @@ def test_dtype_and_refuses_a_used_folder(tiny_gguf, tmp_path):
 
 
 def test_gguf_as_model_path(tiny_gguf):
-    model = load_model(ModelConfig(path=str(tiny_gguf), dtype="bf16"))
+    model = load_model(str(tiny_gguf), dtype="bf16")
     assert getattr(model, "hf_quantizer", None) is None
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {b.device.type for b in model.buffers()} == {"cpu"}
@@ -111,7 +110,7 @@ def test_gguf_as_model_path(tiny_gguf):
     tok = load_tokenizer(tiny_gguf)
     assert tok.pad_token is not None and tok.chat_template
     torch.manual_seed(3)
-    scratch = load_model(ModelConfig(path=str(tiny_gguf)), from_scratch=True)
+    scratch = load_model(str(tiny_gguf), from_scratch=True)
     assert scratch.config.num_key_value_heads == KV_HEADS
     assert not torch.equal(scratch.model.embed_tokens.weight, model.model.embed_tokens.weight.float())
 
@@ -122,11 +121,11 @@ def test_errors_are_one_line(tmp_path, monkeypatch, tiny_gguf):
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(ModelError, match=r"not a GGUF file"):
-        load_model(ModelConfig(path=str(fake)))
+        load_model(str(fake))
     other = tmp_path / "weights.bin"
     other.write_bytes(b"\0" * 8)
     with pytest.raises(ModelError, match="is a file; expected a transformers checkpoint folder or a .gguf file"):
-        load_model(ModelConfig(path=str(other)))
+        load_model(str(other))
     assert not is_gguf(tmp_path) and is_gguf(tiny_gguf)
 
     import importlib.util

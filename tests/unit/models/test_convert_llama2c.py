@@ -14,7 +14,6 @@ from dirtune.models.convert_llama2c import MAGIC, convert_llama2c, read_llama2c
 from dirtune.models.errors import ModelError
 from dirtune.models.loading import load_model, load_tokenizer
 from dirtune.models.lora import generate_text
-from dirtune.train.config import ModelConfig
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared"
 BIN = SHARED / "bench" / "stories260K.bin"
@@ -118,7 +117,7 @@ def reference_logits(p, w, tokens):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     out = convert_llama2c(BIN, TOK, tmp_path_factory.mktemp("s260") / "hf")
-    return load_model(ModelConfig(path=str(out))).eval(), load_tokenizer(out), out
+    return load_model(str(out)).eval(), load_tokenizer(out), out
 
 
 def tokens_of(text):
@@ -160,7 +159,7 @@ def test_unshared_classifier_and_v1_layout(tmp_path, version):
     path = tmp_path / f"v{version}.bin"
     write_file(path, p, w, version)
     out = convert_llama2c(path, TOK, tmp_path / "hf")
-    model = load_model(ModelConfig(path=str(out))).eval()
+    model = load_model(str(out)).eval()
     assert not model.config.tie_word_embeddings
     tokens = tokens_of(TEXT)
     with torch.no_grad():
@@ -172,7 +171,7 @@ def test_v1_shared_equals_v0(tmp_path, converted):
     model0, _, _ = converted
     p, w = read_v0(BIN)
     write_file(tmp_path / "v1.bin", p, w, version=1)
-    model1 = load_model(ModelConfig(path=str(convert_llama2c(tmp_path / "v1.bin", TOK, tmp_path / "hf"))))
+    model1 = load_model(str(convert_llama2c(tmp_path / "v1.bin", TOK, tmp_path / "hf")))
     for (n0, t0), (n1, t1) in zip(model0.state_dict().items(), model1.state_dict().items()):
         assert n0 == n1 and torch.equal(t0, t1), n0
 

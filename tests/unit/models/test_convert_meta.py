@@ -11,7 +11,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dirtune.models.convert_meta import convert_meta, meta_intermediate_size, permute_rotary
 from dirtune.models.errors import ModelError
 from dirtune.models.loading import find_weight_files, load_model, load_tokenizer
-from dirtune.train.config import ModelConfig
 
 DIM, HEADS, KV_HEADS, LAYERS, MULTIPLE_OF, VOCAB = 32, 4, 2, 2, 16, 320
 IDS = torch.tensor([[1, 7, 300, 12, 99, 4, 250, 31]])
@@ -73,7 +72,7 @@ def test_fake_release_converts_to_the_same_model(tmp_path, train_spm, n_shards, 
     model = tiny_model(mult)
     src = write_meta_release(train_spm, model, tmp_path / "rel" / "llama-tiny", n_shards, in_parent, mult)
     out = convert_meta(src, tmp_path / "hf", dtype="fp32")
-    loaded = load_model(ModelConfig(path=str(out))).eval()
+    loaded = load_model(str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
     assert loaded.config.num_key_value_heads == KV_HEADS
@@ -88,7 +87,7 @@ def test_dtype_and_sharded_output(tmp_path, train_spm):
     assert len(find_weight_files(out)) > 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["max_position_embeddings"] == 4096
-    loaded = load_model(ModelConfig(path=str(out), dtype="bf16"))
+    loaded = load_model(str(out), dtype="bf16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 

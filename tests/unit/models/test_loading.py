@@ -13,7 +13,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dirtune.models.loading import (ModelError, check_tokenizer_matches, count_parameters,
                                     find_weight_files, load_model, load_tokenizer,
                                     save_tokenizer_from_sentencepiece, write_checkpoint)
-from dirtune.train.config import ModelConfig
 
 WORDS = "the cat dog sat on a mat and ran to big small red blue house tree Lily Tom park play happy sun".split()
 
@@ -38,7 +37,7 @@ IDS = torch.tensor([[1, 5, 17, 99, 3, 250, 42]])
 
 def test_round_trip_gives_same_logits(tiny_dir):
     model, path = tiny_dir
-    loaded = load_model(ModelConfig(path=str(path), attn_implementation="eager")).eval()
+    loaded = load_model(str(path), attn_implementation="eager").eval()
     assert isinstance(loaded, LlamaForCausalLM)
     assert loaded.config._attn_implementation == "eager"
     torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=1e-6)
@@ -46,7 +45,7 @@ def test_round_trip_gives_same_logits(tiny_dir):
 
 def test_dtype_from_config(tiny_dir):
     _, path = tiny_dir
-    loaded = load_model(ModelConfig(path=str(path), dtype="bf16"))
+    loaded = load_model(str(path), dtype="bf16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 
@@ -55,7 +54,7 @@ def test_from_scratch_needs_only_config_and_is_seeded(tiny_dir, tmp_path):
     only_config = tmp_path / "cfg_only"
     only_config.mkdir()
     (only_config / "config.json").write_text((path / "config.json").read_text())
-    cfg = ModelConfig(path=str(only_config))
+    cfg = str(only_config)
     torch.manual_seed(1)
     a = load_model(cfg, from_scratch=True)
     torch.manual_seed(1)
@@ -79,7 +78,7 @@ def test_missing_pieces_name_the_path(tiny_dir, tmp_path, case):
         (path / "model.safetensors").unlink()
         expect = "no model weights (model.safetensors, model-*.safetensors, pytorch_model*.bin)"
     with pytest.raises(ModelError) as e:
-        load_model(ModelConfig(path=str(path)))
+        load_model(str(path))
     assert str(path) in str(e.value) and expect in str(e.value)
 
 
@@ -92,7 +91,7 @@ def test_sharded_checkpoint_writer(tiny_dir, tmp_path):
     assert len(files) > 2 and files[0].name.startswith("model-00001-of-")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(sd)
-    loaded = load_model(ModelConfig(path=str(out))).eval()
+    loaded = load_model(str(out)).eval()
     torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=1e-6)
 
 

@@ -13,9 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dirtune.models.errors import ModelError
 from dirtune.models.loading import load_model, save_tokenizer_from_sentencepiece
-from dirtune.models.lora import (apply_lora, generate_text, load_for_inference, lora_param_groups,
+from dirtune.models.param_groups import lora_param_groups
+from dirtune.models.lora import (apply_lora, generate_text, load_for_inference,
                                  merge_lora, prepare_full_finetune)
-from dirtune.train.config import FinetuneConfig, ModelConfig
+from dirtune.train.config import FinetuneConfig
 
 IDS = torch.tensor([[1, 7, 200, 12, 99, 4, 150, 31]])
 
@@ -107,7 +108,7 @@ def test_loraplus_groups(ratio):
 
 
 def test_load_for_inference_adapter_and_merged_agree(base_dir, tmp_path):
-    peft_model = apply_lora(load_model(ModelConfig(path=str(base_dir))), lora_cfg())
+    peft_model = apply_lora(load_model(str(base_dir)), lora_cfg())
     randomize_b(peft_model)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
@@ -121,7 +122,7 @@ def test_load_for_inference_adapter_and_merged_agree(base_dir, tmp_path):
     assert a_tok("the cat").input_ids == m_tok("the cat").input_ids
     with torch.no_grad():
         torch.testing.assert_close(a_model(IDS).logits, m_model(IDS).logits, rtol=0, atol=1e-5)
-        base_logits = load_model(ModelConfig(path=str(base_dir)))(IDS).logits
+        base_logits = load_model(str(base_dir))(IDS).logits
         assert not torch.allclose(a_model(IDS).logits, base_logits, atol=1e-3)
 
     moved = tmp_path / "moved_base"

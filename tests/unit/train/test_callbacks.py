@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dirtune.train.callbacks import BestInMemory, EvalRecorder
+from dirtune.train.callbacks import BestInMemory, DriftMeter, EvalRecorder, FaultGuard
+from dirtune.train.faults import NonFiniteError
 
 
 class ListLog:
@@ -112,3 +113,74 @@ def test_forget_summary_reads_start_end_and_the_best_step():
     assert out["web"] == {"start": 2.0, "end": 3.0, "at_best": 2.5}
     assert out["i"] == {"start": 9.0, "end": 9.0, "at_best": 9.0}  # a NaN (written as text) is no value
     assert out["never"] == {"start": None, "end": None, "at_best": None}
+
+
+def test_drift_meter_measures_at_start_and_every_k_steps():
+    calls, sink = [], {}
+
+    def measure():
+        calls.append(1)
+        return {"q_proj": {"angle_deg": 1.0, "drift": 0.1}, "v_proj": {"angle_deg": 3.0, "drift": 0.3}}
+
+    meter = DriftMeter(measure, every=5, sink=sink)
+    meter.on_train_begin(None, _state(0), None)
+    assert sink["angle/mean"] == pytest.approx(2.0) and sink["drift/mean"] == pytest.approx(0.2)
+    meter.on_train_begin(None, _state(10), None)      # a resumed run: no measure at its start
+    for step in range(1, 11):
+        meter.on_step_end(None, _state(step), None)
+    assert len(calls) == 3                            # steps 0, 5 and 10
+
+
+class Model(torch.nn.Module):
+    def __init__(self, grad):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+        self.w.grad = grad
+
+
+def _control():
+    return SimpleNamespace(should_save=False, should_training_stop=False)
+
+
+def test_fault_guard_skips_a_bad_step_and_counts_it():
+    log = ListLog()
+    guard = FaultGuard("skip", log, lambda: torch.tensor(1.0))
+    model = Model(torch.tensor([1.0, float("nan"), 0.0]))
+    guard.on_pre_optimizer_step(None, _state(4), _control(), model=model)
+    assert model.w.grad is None and guard.skipped == 1
+    assert log.records[-1] == {"kind": "event", "step": 5, "event": "non-finite gradient: step skipped"}
+    model.w.grad = torch.ones(3)                      # a good step resets the run of skips
+    guard.on_pre_optimizer_step(None, _state(5), _control(), model=model)
+    assert guard._in_a_row == 0 and model.w.grad is not None
+
+
+def test_fault_guard_stops_on_a_bad_loss_or_too_many_skips():
+    with pytest.raises(NonFiniteError, match="the loss is NaN"):
+        FaultGuard("stop", ListLog(), lambda: torch.tensor(float("inf"))).on_pre_optimizer_step(
+            None, _state(0), _control(), model=Model(torch.ones(3)))
+    guard = FaultGuard("skip", ListLog(), lambda: torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteError, match="steps in a row"):
+        for step in range(FaultGuard.MAX_SKIPS_IN_A_ROW):
+            guard.on_pre_optimizer_step(None, _state(step), _control(), model=Model(torch.ones(3)))
+    assert guard.skipped == FaultGuard.MAX_SKIPS_IN_A_ROW - 1
+
+
+def test_fault_guard_stops_on_a_nan_evaluation_and_resumes_its_skip_count():
+    log = ListLog()
+    log.write({"kind": "event", "step": 3, "event": "non-finite loss: step skipped"})
+    guard = FaultGuard("skip", log, lambda: None)
+    assert guard.skipped == 1                         # counted from the log of a resumed run
+    guard.on_evaluate(None, _state(8), _control(), metrics={"eval_valid_loss": 1.0})
+    with pytest.raises(NonFiniteError, match="forget_loss"):
+        guard.on_evaluate(None, _state(9), _control(),
+                          metrics={"eval_valid_loss": 1.0, "eval_forget_loss": float("nan")})
+
+
+def test_fault_guard_saves_and_stops_after_a_signal():
+    log = ListLog()
+    guard = FaultGuard("stop", log, lambda: None)
+    guard.interrupted = "SIGTERM"
+    control = _control()
+    guard.on_step_end(None, _state(7), control)
+    assert control.should_save and control.should_training_stop
+    assert log.records[-1]["event"] == "SIGTERM: checkpoint saved, stopping"
