@@ -181,7 +181,9 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        # plain types, then generics, then null: one wording whatever order the cached union has
+        args = sorted(typing.get_args(tp), key=lambda a: (a is type(None), typing.get_origin(a) is not None))
+        return " or ".join(_type_name(a) for a in args)
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
@@ -199,7 +201,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for a in args:
+        # typing caches unions as equal regardless of order, so Union[str, list[str]] may come back
+        # as (list[str], str) when another module spelled it first: try the value's own type first
+        for a in sorted(args, key=lambda a: a is not type(value)):
             if a is type(None):
                 continue
             try:

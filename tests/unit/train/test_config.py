@@ -245,3 +245,17 @@ def test_device_cuda_without_a_gpu_is_refused(monkeypatch):
     check_device("auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_device("cuda")
+
+
+def test_a_string_stays_a_string_whatever_order_the_union_was_spelled_in():
+    # typing caches Union[list[str], str] and Union[str, list[str]] as one object: a file name
+    # must not turn into a list of its comma-separated parts because of another module's spelling
+    from typing import Union
+
+    from dirtune.train.config import _coerce
+
+    for tp in (Union[list[str], str], Union[str, list[str]]):
+        assert _coerce("valid.jsonl", tp, "data.valid_file") == "valid.jsonl"
+        assert _coerce(["a.jsonl", "b.jsonl"], tp, "data.valid_file") == ["a.jsonl", "b.jsonl"]
+        with pytest.raises(ConfigError, match=r"expected str or list of str$"):
+            _coerce({"a": 1}, tp, "data.valid_file")
