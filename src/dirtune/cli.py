@@ -248,6 +248,7 @@ def _examples(*lines: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Long on purpose: argparse declarations, one block per subcommand: a table, not logic."""
     p = argparse.ArgumentParser(
         prog="dirtune", formatter_class=_Help,
         description="Direction-preserving fine-tuning of LLaMA-2 models. `dirtune COMMAND --help` "

@@ -86,7 +86,10 @@ class DataBundle:
 
 def build_datasets(cfg_data: Any, tokenizer: Any) -> DataBundle:
     """Read, check, split, render and tokenise the files named by `cfg_data` (a DataConfig).
-    Every problem with the data raises DataError naming the file (and line)."""
+    Every problem with the data raises DataError naming the file (and line).
+
+    Long on purpose: the data pipeline in order (read, split, render, tokenize, pack) as one readable sequence.
+    """
     cfg = cfg_data
     for key in ("max_samples", "max_eval_samples"):
         value = getattr(cfg, key)

@@ -215,7 +215,10 @@ def _batches(idx: list[int], params, anchors, references) -> list[list[int]]:
 
 def _group_step(ps, gs, ms, vs, steps, anchors, references, scales, *, lr, beta1, beta2, eps,
                 weight_decay, anchor, balance, direction_weight, granularity) -> None:
-    """One step for tensors of one device and one dtype combination (see the module docstring)."""
+    """One step for tensors of one device and one dtype combination (see the module docstring).
+
+    Long on purpose: one optimizer step of one tensor group: coefficient table, then the launches, in the order the module docstring lists them.
+    """
     device, n = ps[0].device, len(ps)
     acc = accumulation_dtype(ps[0].dtype)
     decay = weight_decay != 0 and anchor != "none"

@@ -101,6 +101,8 @@ def convert_meta(src_dir: PathLike, out_dir: PathLike, dtype: str = "bf16", *,
     Shards are memory-mapped and the output is written shard by shard, so memory holds about
     one output shard. `max_position_embeddings` defaults to params.json's max_seq_len, else 4096
     (LLaMA 2's context). Returns `out_dir`.
+
+    Long on purpose: one conversion read top to bottom: params, tokenizer, shards merged tensor by tensor, written; parts share its locals.
     """
     from transformers import LlamaConfig
 

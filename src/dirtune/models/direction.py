@@ -131,6 +131,7 @@ class DirectionPenalty(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, weight: float, granularity: str = "row",
                  targets=DEFAULT_TARGETS, reference_dtype=torch.bfloat16, reference_device=None,
                  fused=None):
+        """Long on purpose: DirectionPenalty's discovery of covered weights, checks and references in one pass over the modules."""
         super().__init__()
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
                 0 <= float(weight) < float("inf")):

@@ -307,7 +307,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def validate(cfg: Config) -> Config:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express.
+
+    Long on purpose: the ladder of range checks, one line each (torch's optimizers' style).
+    """
     checks = [
         (cfg.finetune.lora_r >= 1, "finetune.lora_r", cfg.finetune.lora_r, "an integer >= 1"),
         (0 <= cfg.finetune.lora_dropout < 1, "finetune.lora_dropout", cfg.finetune.lora_dropout, "0 <= x < 1"),
