@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# tests/ itself, for tiny.py: the one tiny-LLaMA builder, shared with the scripts run as subprocesses
+# (pytest's importlib mode puts nothing on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny import make_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -15,21 +21,6 @@ def shared_dir() -> Path:
     if not (SHARED / "bench").is_dir():
         pytest.skip("../shared is not beside the checkout")
     return SHARED
-
-
-def make_tiny_llama(tokenizer=None, seed: int = 0, **overrides):
-    """A 2-layer LLaMA (hidden 32, 4 heads, 2 KV heads) with random weights seeded by `seed`;
-    its vocabulary and special ids from `tokenizer` (default: 64 tokens); `overrides` change
-    LlamaConfig fields."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    ids = {} if tokenizer is None else dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**fields, **ids, **overrides}))
 
 
 @pytest.fixture
@@ -83,7 +74,6 @@ def write_tiny_gguf(path, qtype: str = "F32", tied: bool = False, seed: int = 0)
     import gguf
     import numpy as np
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -92,12 +82,9 @@ def write_tiny_gguf(path, qtype: str = "F32", tied: bool = False, seed: int = 0)
     tokens = specials + alphabet + [a + b for a, b in merges]
     types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (len(tokens) - len(specials))
     heads, kv_heads, hidden = 4, 2, 64
-    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                      rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = make_tiny_llama(seed=seed, vocab_size=len(tokens), hidden_size=hidden, intermediate_size=128,
+                            num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
+                            tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0).eval()
     with torch.no_grad():  # norms away from 1, so that a norm left unread would show
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
