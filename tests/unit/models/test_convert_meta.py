@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dirtune.models.convert_meta import convert_meta, meta_intermediate_size, permute_rotary
 from dirtune.models.errors import ModelError
@@ -58,17 +57,20 @@ def write_meta_release(train_spm, model, folder, n_shards=2, tokenizer_in_parent
     return folder
 
 
-def tiny_model(ffn_dim_multiplier=None):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM,
-                         intermediate_size=meta_intermediate_size(DIM, MULTIPLE_OF, ffn_dim_multiplier),
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+@pytest.fixture
+def tiny_model(tiny_llama):
+    """`tiny_model(ffn_dim_multiplier=None)`: a tiny LLaMA of the sizes above, seeded with 0."""
+    def build(ffn_dim_multiplier=None):
+        return tiny_llama(vocab_size=VOCAB, hidden_size=DIM,
+                          intermediate_size=meta_intermediate_size(DIM, MULTIPLE_OF, ffn_dim_multiplier),
+                          num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                          rms_norm_eps=1e-5, tie_word_embeddings=False).eval()
+
+    return build
 
 
 @pytest.mark.parametrize("n_shards,in_parent,mult", [(2, False, None), (1, True, 1.5)])
-def test_fake_release_converts_to_the_same_model(tmp_path, train_spm, n_shards, in_parent, mult):
+def test_fake_release_converts_to_the_same_model(tmp_path, train_spm, n_shards, in_parent, mult, tiny_model):
     model = tiny_model(mult)
     src = write_meta_release(train_spm, model, tmp_path / "rel" / "llama-tiny", n_shards, in_parent, mult)
     out = convert_meta(src, tmp_path / "hf", dtype="fp32")
@@ -81,7 +83,7 @@ def test_fake_release_converts_to_the_same_model(tmp_path, train_spm, n_shards, 
     assert len(tok) == 300 and tok("the cat").input_ids[0] == 1
 
 
-def test_dtype_and_sharded_output(tmp_path, train_spm):
+def test_dtype_and_sharded_output(tmp_path, train_spm, tiny_model):
     src = write_meta_release(train_spm, tiny_model(), tmp_path / "rel")
     out = convert_meta(src, tmp_path / "hf", dtype="bf16", max_shard_bytes=20_000)
     assert len(find_weight_files(out)) > 1
@@ -113,7 +115,7 @@ def test_permutation_turns_interleaved_rope_into_rotate_half():
     torch.testing.assert_close(permute_rotary(meta.reshape(-1, 1), n_heads).view(n_heads, hd), hf)
 
 
-def test_missing_pieces_name_the_path(tmp_path, train_spm):
+def test_missing_pieces_name_the_path(tmp_path, train_spm, tiny_model):
     src = write_meta_release(train_spm, tiny_model(), tmp_path / "rel")
     (src / "params.json").rename(src / "p.bak")
     with pytest.raises(ModelError, match=r"rel[/\\]params.json: params.json not found"):
@@ -130,7 +132,7 @@ def test_missing_pieces_name_the_path(tmp_path, train_spm):
         convert_meta(tmp_path / "nowhere", tmp_path / "hf")
 
 
-def test_params_that_contradict_the_weights(tmp_path, train_spm):
+def test_params_that_contradict_the_weights(tmp_path, train_spm, tiny_model):
     src = write_meta_release(train_spm, tiny_model(), tmp_path / "rel")
     params = json.loads((src / "params.json").read_text())
     (src / "params.json").write_text(json.dumps(dict(params, multiple_of=64)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dirtune.method.penalty import direction_penalty
 from dirtune.models.direction import DEFAULT_TARGETS, DirectionPenalty
@@ -12,18 +11,22 @@ from dirtune.models.direction import DEFAULT_TARGETS, DirectionPenalty
 N_LAYERS = 2
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64)
-    return LlamaForCausalLM(config)
+@pytest.fixture
+def llama(tiny_llama):
+    """`llama()`: a fresh tiny LLaMA (vocabulary 128, 64 positions), seeded with 0."""
+    return lambda: tiny_llama(vocab_size=128, num_hidden_layers=N_LAYERS, max_position_embeddings=64)
 
 
-def tiny_lora(targets=("q_proj", "v_proj", "down_proj"), **kwargs):
+@pytest.fixture
+def tiny_lora(llama):
+    """`tiny_lora(targets=(q_proj, v_proj, down_proj), **LoraConfig fields)`: `llama()` with LoRA (r 4)."""
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(target_modules=list(targets), r=4, lora_alpha=8, **kwargs)
-    return peft.get_peft_model(tiny_llama(), config)
+
+    def build(targets=("q_proj", "v_proj", "down_proj"), **kwargs):
+        config = peft.LoraConfig(target_modules=list(targets), r=4, lora_alpha=8, **kwargs)
+        return peft.get_peft_model(llama(), config)
+
+    return build
 
 
 @torch.no_grad()
@@ -36,8 +39,8 @@ def perturb(params, scale=0.05, seed=1):
 # --- full fine-tuning ---------------------------------------------------------------------------
 
 
-def test_full_finds_targets_zero_at_init_and_grows():
-    model = tiny_llama()
+def test_full_finds_targets_zero_at_init_and_grows(llama):
+    model = llama()
     pen = DirectionPenalty(model, weight=3.0, reference_dtype=None)
     assert pen.mode == "full"
     assert len(pen.names) == 7 * N_LAYERS
@@ -55,8 +58,8 @@ def test_full_finds_targets_zero_at_init_and_grows():
     assert value.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_full_reference_bytes_and_state_dict():
-    model = tiny_llama()
+def test_full_reference_bytes_and_state_dict(llama):
+    model = llama()
     keys = set(model.state_dict())
     pen = DirectionPenalty(model, weight=1.0)            # bf16 references by default
     numel = sum(model.get_submodule(n).weight.numel() for n in pen.names)
@@ -67,12 +70,12 @@ def test_full_reference_bytes_and_state_dict():
     assert set(model.state_dict()) == keys
     # a rounded bf16 reference leaves a tiny floor at init, nothing more
     assert 0 <= pen().item() < 1e-5
-    fp32 = DirectionPenalty(tiny_llama(), weight=1.0, reference_dtype="fp32")
+    fp32 = DirectionPenalty(llama(), weight=1.0, reference_dtype="fp32")
     assert fp32.reference_bytes == 4 * numel
 
 
-def test_full_cpu_reference_device_and_granularity():
-    model = tiny_llama()
+def test_full_cpu_reference_device_and_granularity(llama):
+    model = llama()
     pen = DirectionPenalty(model, weight=1.0, granularity="tensor", reference_device="cpu",
                            reference_dtype=None)
     assert all(r.device.type == "cpu" for r in pen._refs())
@@ -82,8 +85,8 @@ def test_full_cpu_reference_device_and_granularity():
     assert model.get_submodule(pen.names[0]).weight.grad is not None
 
 
-def test_frozen_modules_skipped_and_subset_targets():
-    model = tiny_llama()
+def test_frozen_modules_skipped_and_subset_targets(llama):
+    model = llama()
     for p in model.parameters():
         p.requires_grad_(False)
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
@@ -94,8 +97,8 @@ def test_frozen_modules_skipped_and_subset_targets():
         DirectionPenalty(model, weight=1.0)
 
 
-def test_errors_name_the_bad_value():
-    model = tiny_llama()
+def test_errors_name_the_bad_value(llama):
+    model = llama()
     with pytest.raises(ValueError, match=r"no module is named \['qproj', 'mlp_in'\].*q_proj"):
         DirectionPenalty(model, 1.0, targets=["qproj", "v_proj", "mlp_in"])
     with pytest.raises(ValueError, match="granularity='col'"):
@@ -106,8 +109,8 @@ def test_errors_name_the_bad_value():
         DirectionPenalty(model, 1.0, reference_dtype="int8")
 
 
-def test_angles_full():
-    model = tiny_llama()
+def test_angles_full(llama):
+    model = llama()
     pen = DirectionPenalty(model, weight=1.0, reference_dtype=None)
     angles = pen.angles()
     assert set(angles) == set(DEFAULT_TARGETS)
@@ -126,7 +129,7 @@ def lora_layers(model, pen):
 
 
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
-def test_lora_zero_at_init_then_equals_merged_dense(granularity):
+def test_lora_zero_at_init_then_equals_merged_dense(granularity, tiny_lora):
     model = tiny_lora()
     pen = DirectionPenalty(model, weight=2.0, granularity=granularity)
     assert pen.mode == "lora" and pen.reference_bytes == 0
@@ -146,7 +149,7 @@ def test_lora_zero_at_init_then_equals_merged_dense(granularity):
     assert all(m.base_layer.weight.grad is None for m in layers)
 
 
-def test_lora_base_norms_read_once_and_again_after_the_base_changes(monkeypatch):
+def test_lora_base_norms_read_once_and_again_after_the_base_changes(monkeypatch, tiny_lora):
     from dirtune.models import direction
 
     calls = []
@@ -166,7 +169,7 @@ def test_lora_base_norms_read_once_and_again_after_the_base_changes(monkeypatch)
     assert changed == pytest.approx(fresh().item(), rel=1e-6)
 
 
-def test_lora_angles_and_skips_frozen_targets():
+def test_lora_angles_and_skips_frozen_targets(tiny_lora):
     model = tiny_lora()
     pen = DirectionPenalty(model, weight=1.0)           # default: all seven names, 3 have LoRA
     angles = pen.angles()
@@ -177,13 +180,13 @@ def test_lora_angles_and_skips_frozen_targets():
     assert all(v["angle_deg"] > 0.01 and v["drift"] > 0 for v in angles.values())
 
 
-def test_lora_dora_refused():
+def test_lora_dora_refused(tiny_lora):
     model = tiny_lora(use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
         DirectionPenalty(model, weight=1.0)
 
 
-def test_lora_two_active_adapters_and_mixed_mode():
+def test_lora_two_active_adapters_and_mixed_mode(tiny_lora):
     peft = pytest.importorskip("peft")
     model = tiny_lora(targets=("q_proj",))
     model.add_adapter("second", peft.LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=6))

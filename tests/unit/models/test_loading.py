@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from dirtune.models.loading import (ModelError, check_tokenizer_matches, count_parameters,
                                     find_weight_files, load_model, load_tokenizer,
@@ -17,16 +17,9 @@ from dirtune.models.loading import (ModelError, check_tokenizer_matches, count_p
 WORDS = "the cat dog sat on a mat and ran to big small red blue house tree Lily Tom park play happy sun".split()
 
 
-def tiny_config(vocab=320, tie=False):
-    return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=tie)
-
-
 @pytest.fixture
-def tiny_dir(tmp_path):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config()).eval()
+def tiny_dir(tmp_path, tiny_llama):
+    model = tiny_llama(vocab_size=320, max_position_embeddings=64).eval()
     out = tmp_path / "tiny"
     model.save_pretrained(out)
     return model, out
@@ -135,16 +128,16 @@ def test_tokenizer_errors_name_the_path(tmp_path):
         load_tokenizer(bad)
 
 
-def test_check_tokenizer_matches(tmp_path, train_spm):
+def test_check_tokenizer_matches(tmp_path, train_spm, tiny_llama):
     tok = load_tokenizer(train_spm(tmp_path / "m.model", WORDS))  # 300 tokens
-    check_tokenizer_matches(LlamaForCausalLM(tiny_config(vocab=320)), tok)
+    check_tokenizer_matches(tiny_llama(vocab_size=320), tok)
     with pytest.raises(ModelError) as e:
-        check_tokenizer_matches(LlamaForCausalLM(tiny_config(vocab=200)), tok)
+        check_tokenizer_matches(tiny_llama(vocab_size=200), tok)
     assert "300 tokens" in str(e.value) and "200 rows" in str(e.value)
 
 
-def test_count_parameters_counts_tied_once_and_trainable():
-    model = LlamaForCausalLM(tiny_config(vocab=320, tie=True))
+def test_count_parameters_counts_tied_once_and_trainable(tiny_llama):
+    model = tiny_llama(vocab_size=320, tie_word_embeddings=True)
     counts = count_parameters(model)
     unique = {id(p): p.numel() for p in model.parameters()}
     assert counts == {"total": sum(unique.values()), "trainable": sum(unique.values())}

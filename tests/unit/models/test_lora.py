@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from peft import PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from dirtune.models.errors import ModelError
 from dirtune.models.loading import load_model, save_tokenizer_from_sentencepiece
@@ -21,11 +21,10 @@ from dirtune.train.config import FinetuneConfig
 IDS = torch.tensor([[1, 7, 200, 12, 99, 4, 150, 31]])
 
 
-def tiny_model(tie=False):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tie)).eval()
+@pytest.fixture
+def tiny_model(tiny_llama):
+    """`tiny_model(tie=False)`: a tiny LLaMA with 320 tokens, seeded with 0, in eval mode."""
+    return lambda tie=False: tiny_llama(vocab_size=320, tie_word_embeddings=tie).eval()
 
 
 def lora_cfg(**kw):
@@ -42,7 +41,7 @@ def randomize_b(model):
 
 
 @pytest.fixture
-def base_dir(tmp_path):
+def base_dir(tmp_path, tiny_model):
     """A tiny base checkpoint with a tokenizer, loaded back through load_model (as training does)."""
     words = "the cat dog sat on a mat and ran to big red house tree Lily Tom park".split()
     rng = random.Random(0)
@@ -58,7 +57,7 @@ def base_dir(tmp_path):
     return base
 
 
-def test_only_adapters_train_and_start_as_the_base():
+def test_only_adapters_train_and_start_as_the_base(tiny_model):
     model = tiny_model()
     with torch.no_grad():
         before = model(IDS).logits
@@ -71,7 +70,7 @@ def test_only_adapters_train_and_start_as_the_base():
         torch.testing.assert_close(peft_model(IDS).logits, before, rtol=0, atol=0)
 
 
-def test_bad_target_names_it_and_what_exists():
+def test_bad_target_names_it_and_what_exists(tiny_model):
     with pytest.raises(ModelError) as e:
         apply_lora(tiny_model(), lora_cfg(lora_targets=["q_proj", "qproj", "mlp.gate"]))
     msg = str(e.value)
@@ -81,7 +80,7 @@ def test_bad_target_names_it_and_what_exists():
     apply_lora(tiny_model(), lora_cfg(lora_targets=["mlp.gate_proj"]))
 
 
-def test_merge_gives_the_lora_model_logits():
+def test_merge_gives_the_lora_model_logits(tiny_model):
     peft_model = apply_lora(tiny_model(), lora_cfg())
     randomize_b(peft_model)
     with torch.no_grad():
@@ -95,7 +94,7 @@ def test_merge_gives_the_lora_model_logits():
 
 
 @pytest.mark.parametrize("ratio", [None, 16.0])
-def test_loraplus_groups(ratio):
+def test_loraplus_groups(ratio, tiny_model):
     peft_model = apply_lora(tiny_model(), lora_cfg(use_dora=True))
     groups = {g["name"]: g for g in lora_param_groups(peft_model, lr=1e-3, weight_decay=0.1, loraplus_ratio=ratio)}
     assert set(groups) == {"lora_A", "lora_B", "no_decay"}
@@ -135,7 +134,7 @@ def test_load_for_inference_adapter_and_merged_agree(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_prepare_full_finetune(tie):
+def test_prepare_full_finetune(tie, tiny_model):
     model = tiny_model(tie)
     for p in model.parameters():
         p.requires_grad_(False)
