@@ -67,14 +67,9 @@ class CharTokenizer:
         return [" ".join(str(int(i)) for i in r if i > 2) for r in rows]
 
 
-def test_batched_generation_equals_one_by_one():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+def test_batched_generation_equals_one_by_one(tiny_llama):
+    model = tiny_llama(vocab_size=128, num_key_value_heads=4, max_position_embeddings=64,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     records = [{"question": "a", "answer": "#### 1"},
                {"question": "a much longer question", "answer": "#### 2"},
                {"question": "mid size", "answer": "#### 3"}]

@@ -173,15 +173,11 @@ def test_forget_text_is_cut_to_max_eval_samples_rows_not_records(tmp_path, word_
     assert cut.stats["splits"]["forget"]["tokens"] == sum(map(len, full.forget["input_ids"][:3]))
 
 
-def test_collator_feeds_a_tiny_llama(tmp_path, word_tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def test_collator_feeds_a_tiny_llama(tmp_path, word_tok, tiny_llama):
     f = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(8))
     b = build(word_tok, train_file=str(f), valid_ratio=0.0)
     batch = b.collator()([b.train[i] for i in range(4)])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(word_tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+    model = tiny_llama(vocab_size=len(word_tok), num_key_value_heads=4)
     loss = model(**batch).loss
     assert torch.isfinite(loss) and loss.item() > 0
 
