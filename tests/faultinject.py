@@ -537,22 +537,18 @@ def inner_disk(args) -> int:
 # ---------------------------------------------------------------- main
 
 def tiny_setup(work: Path) -> tuple[Path, Path, Path]:
-    """A 2-layer LLaMA (hidden 32) with a character tokenizer, and the demo's task (as tests/conftest.py)."""
+    """A 2-layer LLaMA (hidden 32, from tests/tiny.py) with a character tokenizer, and the demo's
+    task: what tests/conftest.py builds."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            from transformers import LlamaConfig, LlamaForCausalLM
+            from tiny import make_tiny_llama  # tests/tiny.py, beside this script (sys.path[0])
 
             from dirtune.data.synthetic import char_tokenizer, write_demo_data
 
             tok = char_tokenizer()
-            cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id)
-            torch.manual_seed(0)
-            LlamaForCausalLM(cfg).save_pretrained(work / "tiny-llama")
+            make_tiny_llama(tok, seed=0).save_pretrained(work / "tiny-llama")
             tok.save_pretrained(work / "tiny-llama")
             write_demo_data(work / "task", seed=0, n_people=24, n_source_train=200, n_source_valid=20)
             code = 0

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ from dirtune.method.balanced_adamw import BalancedAdamW
 from dirtune.method.penalty import angle_and_drift, direction_penalty, lora_direction_penalty
 from dirtune.method.update_rules import apply_turn, apply_turns, balance_scales, decay_coefficients
 from dirtune.models.direction import DirectionPenalty
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the tests' tiny-LLaMA builder
+from tiny import make_tiny_llama  # noqa: E402
 
 F64 = torch.float64
 RESULTS: dict = {}
@@ -174,13 +178,8 @@ def check_optimizer(mesh) -> None:
 # --- a tiny LLaMA, sharded the way accelerate's FSDP2 preparation shards it -------------------------
 
 def tiny_llama(dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
     # odd sizes: gate/up rows (67) and embedding rows (131) split unevenly over 2 or 4 ranks
-    config = LlamaConfig(vocab_size=131, hidden_size=32, intermediate_size=67, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).to(dtype)
+    return make_tiny_llama(vocab_size=131, intermediate_size=67, max_position_embeddings=64).to(dtype)
 
 
 def groups(model, turn: float, wd: float):
