@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -12,19 +13,19 @@ from dirtune.cli import main
 from dirtune.models.lora import load_for_inference
 
 
-def _train_args(ckpt, files, out, *extra):
-    return ["train", "-", f"model.path={ckpt}", f"data.train_file={files['task_train']}",
-            f"data.valid_file={files['task_valid']}", "data.max_length=96", "data.max_eval_samples=8",
-            f"train.output_dir={out}", "train.batch_size=4", "train.max_steps=6", "train.eval_every=3",
-            "train.progress=false", "train.report_to=[none]", "train.device=cpu", "finetune.lora_r=4",
-            "optimizer.lr=3e-2", *extra]
+@pytest.fixture
+def train_args(run_overrides):
+    """`train_args(out, *extra)`: `dirtune train -`, 6 LoRA steps evaluated at steps 3 and 6."""
+    return lambda out, *extra: ["train", "-", *run_overrides(
+        out, "data.max_length=96", "data.max_eval_samples=8", "train.batch_size=4", "train.max_steps=6",
+        "train.eval_every=3", "finetune.lora_r=4", "optimizer.lr=3e-2", *extra)]
 
 
-def test_train_eval_generate_merge(tiny_checkpoint, task_files, tmp_path, capsys):
+def test_train_eval_generate_merge(task_files, tmp_path, capsys, train_args):
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
-    args = _train_args(tiny_checkpoint, task_files, tmp_path / "run", "optimizer.name=balanced_adamw",
-                       "method.penalty=coupled", "method.direction_weight=100")
+    args = train_args(tmp_path / "run", "optimizer.name=balanced_adamw",
+                      "method.penalty=coupled", "method.direction_weight=100")
     args[1] = str(cfg)
     assert main(args) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -52,10 +53,10 @@ def test_train_eval_generate_merge(tiny_checkpoint, task_files, tmp_path, capsys
     assert capsys.readouterr().out == from_adapter  # greedy: the same continuation
 
 
-def test_dry_run_trains_nothing(tiny_checkpoint, task_files, tmp_path, capsys):
+def test_dry_run_trains_nothing(tmp_path, capsys, train_args):
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
-    args = _train_args(tiny_checkpoint, task_files, tmp_path / "dry", "--dry-run")
+    args = train_args(tmp_path / "dry", "--dry-run")
     args[1] = str(cfg)
     assert main(args) == 0
     out = capsys.readouterr().out

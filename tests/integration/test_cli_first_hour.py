@@ -204,16 +204,14 @@ def test_commands_print_no_future_warnings_or_loading_bars(adapter, task_files, 
         assert "Writing model shards" not in proc.stderr, proc.stderr
 
 
-def test_resume_says_which_checkpoint(tiny_checkpoint, task_files, tmp_path, capsys, monkeypatch):
+def test_resume_says_which_checkpoint(run_overrides, tmp_path, capsys, monkeypatch):
     import signal
 
     from dirtune.train.trainer import DirtuneTrainer
 
-    args = ["train", str(tmp_path / "c.yaml"), f"model.path={tiny_checkpoint}",
-            f"data.train_file={task_files['task_train']}", "data.valid_ratio=0", "data.max_length=64",
-            f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2", "train.save_every=2",
-            "train.progress=false", "train.report_to=[none]", "train.device=cpu", "finetune.lora_r=2",
-            "train.max_steps=4"]
+    args = ["train", str(tmp_path / "c.yaml"), *run_overrides(
+        tmp_path / "run", "data.valid_ratio=0", "data.max_length=64", "train.batch_size=2", "train.save_every=2",
+        "finetune.lora_r=2", "train.max_steps=4", valid=False)]
     (tmp_path / "c.yaml").write_text("{}\n")
     compute_loss = DirtuneTrainer.compute_loss
 

@@ -68,16 +68,16 @@ def _wait(procs: list, what: str) -> list[str]:
     return logs
 
 
-def _train_overrides(ckpt: Path, files: dict, out: Path, batch_size: int) -> list[str]:
-    # full fine-tuning with the method: scale-balanced anchored decay and the decoupled turn
-    return [f"model.path={ckpt}", f"data.train_file={files['task_train']}",
-            f"data.valid_file={files['task_valid']}", "data.max_length=128", "data.max_eval_samples=16",
-            f"train.output_dir={out}", f"train.batch_size={batch_size}", "train.eval_batch_size=8",
-            "train.max_steps=6", "train.eval_every=3", "train.progress=false", "train.report_to=[none]",
-            "train.device=cpu", "train.drift_every=2", "train.max_grad_norm=0", "finetune.type=full",
-            "optimizer.name=balanced_adamw", "optimizer.lr=3e-3", "optimizer.weight_decay=0.1",
-            "optimizer.anchor_dtype=fp32", "method.penalty=decoupled", "method.direction_weight=1",
-            "method.reference_dtype=fp32"]
+@pytest.fixture(scope="module")
+def train_overrides(run_overrides):
+    """`train_overrides(out, batch_size)`: 6 steps of full fine-tuning with the method
+    (scale-balanced anchored decay and the decoupled turn), evaluated at steps 3 and 6."""
+    return lambda out, batch_size: run_overrides(
+        out, "data.max_length=128", "data.max_eval_samples=16", f"train.batch_size={batch_size}",
+        "train.eval_batch_size=8", "train.max_steps=6", "train.eval_every=3", "train.drift_every=2",
+        "train.max_grad_norm=0", "finetune.type=full", "optimizer.name=balanced_adamw", "optimizer.lr=3e-3",
+        "optimizer.weight_decay=0.1", "optimizer.anchor_dtype=fp32", "method.penalty=decoupled",
+        "method.direction_weight=1", "method.reference_dtype=fp32")
 
 
 def _fsdp_env() -> dict:
@@ -102,14 +102,14 @@ def _launch(work: Path, entry: list[str], *overrides: str, fsdp: bool = False) -
 
 
 @pytest.fixture(scope="module")
-def started(tmp_path_factory, tiny_checkpoint, task_files) -> dict:
+def started(tmp_path_factory, train_overrides) -> dict:
     """Starts the FSDP2 workers (2 and 4 ranks) and the 2-process `dirtune train` runs; returns
     their handles."""
     work = tmp_path_factory.mktemp("distributed")
     (work / "run.yaml").write_text("{}\n")
     out = {2: work / "results.json", 4: work / "results-world4.json"}
-    two = _train_overrides(tiny_checkpoint, task_files, work / "ddp", batch_size=2)
-    sharded = _train_overrides(tiny_checkpoint, task_files, work / "fsdp", batch_size=2)
+    two = train_overrides(work / "ddp", batch_size=2)
+    sharded = train_overrides(work / "fsdp", batch_size=2)
     return {"work": work, "out": out, "results": {},
             "worker": {2: _start_worker(out[2]), 4: _start_worker(out[4], 4, WORLD4_CHECKS)},
             "ddp": _launch(work, ["-m", "dirtune.cli"], *two),
@@ -237,13 +237,13 @@ def _final_weights(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_process(started, tiny_checkpoint, task_files) -> Path:
+def one_process(started, train_overrides) -> Path:
     """The reference: 1 process, 4 examples per step (runs here while the others work)."""
     from dirtune.train.config import load_config
     from dirtune.train.runner import run_training
 
     out = started["work"] / "one"
-    summary = run_training(load_config(None, _train_overrides(tiny_checkpoint, task_files, out, 4)))
+    summary = run_training(load_config(None, train_overrides(out, 4)))
     assert summary["world_size"] == 1
     return out
 
@@ -281,7 +281,7 @@ def test_dirtune_train_on_two_processes_equals_one(started, one_process, tiny_ch
     assert (run / "checkpoint-6").is_dir() and not list(run.glob(".*checkpoint*"))
 
 
-def test_fsdp2_run_resumes_from_its_checkpoint(started, tiny_checkpoint, task_files):
+def test_fsdp2_run_resumes_from_its_checkpoint(started, train_overrides):
     """Trainer saves the FSDP2 run (FULL_STATE_DICT: weights, BalancedAdamW's moments and
     anchors) and loads it into a freshly sharded model: the same end as without stopping."""
     import shutil
@@ -291,7 +291,7 @@ def test_fsdp2_run_resumes_from_its_checkpoint(started, tiny_checkpoint, task_fi
     resumed = work / "fsdp-resumed"
     resumed.mkdir()
     shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
-    job = _launch(work, [str(FSDP_CLI)], *_train_overrides(tiny_checkpoint, task_files, resumed, 2),
+    job = _launch(work, [str(FSDP_CLI)], *train_overrides(resumed, 2),
                   "train.save_every=3", "train.resume=auto", fsdp=True)
     (log,) = _wait([job], "the resumed FSDP2 run")
     assert job.returncode == 0, log[-4000:]

@@ -12,23 +12,25 @@ from dirtune.train.run_folder import read_metrics
 from dirtune.train.runner import run_training, trained_model
 
 
-def _cfg(ckpt, files, out, *extra):
-    return load_config(None, [
-        f"model.path={ckpt}", f"data.train_file={files['task_train']}", f"data.valid_file={files['task_valid']}",
-        f"data.test_file={files['task_test']}", f"data.forget_file={files['source_valid']}",
+@pytest.fixture(scope="module")
+def train_cfg(run_overrides, task_files):
+    """`train_cfg(out, *extra)`: 20 full fine-tuning steps evaluated every 5, with a test file, a
+    forget file and two named forget sets."""
+    files = task_files
+    return lambda out, *extra: load_config(None, run_overrides(
+        out, f"data.test_file={files['task_test']}", f"data.forget_file={files['source_valid']}",
         f"data.forget_files=[web={files['source_valid']}, instruct={files['task_test']}]",
-        "data.max_length=128", "data.max_eval_samples=12", "data.max_samples=40", f"train.output_dir={out}",
-        "train.batch_size=4", "train.eval_batch_size=16", "train.max_steps=20", "train.eval_every=5",
-        "train.progress=false", "train.report_to=[none]", "train.device=cpu", "train.drift_every=0",
-        "finetune.type=full", "optimizer.lr=3e-3", *extra])
+        "data.max_length=128", "data.max_eval_samples=12", "data.max_samples=40", "train.batch_size=4",
+        "train.eval_batch_size=16", "train.max_steps=20", "train.eval_every=5", "train.drift_every=0",
+        "finetune.type=full", "optimizer.lr=3e-3", *extra))
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_checkpoint, task_files, tmp_path_factory):
+def runs(tmp_path_factory, train_cfg):
     """The same run with the best weights on disk (checkpoint folders) and in memory."""
     tmp = tmp_path_factory.mktemp("keep-best")
-    disk = run_training(_cfg(tiny_checkpoint, task_files, tmp / "disk"))
-    memory = run_training(_cfg(tiny_checkpoint, task_files, tmp / "memory", "train.keep_best=memory"))
+    disk = run_training(train_cfg(tmp / "disk"))
+    memory = run_training(train_cfg(tmp / "memory", "train.keep_best=memory"))
     return tmp, disk, memory
 
 
@@ -63,11 +65,11 @@ def test_best_in_memory_equals_best_on_disk(runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_no_final_folder_and_the_model_stays_in_memory(tiny_checkpoint, task_files, tmp_path, runs):
+def test_no_final_folder_and_the_model_stays_in_memory(tmp_path, runs, train_cfg):
     _, disk, _ = runs
     out = tmp_path / "lean"
-    lean = run_training(_cfg(tiny_checkpoint, task_files, out, "train.keep_best=memory", "train.save_final=false",
-                             "train.plot=false"))
+    lean = run_training(train_cfg(out, "train.keep_best=memory", "train.save_final=false",
+                                  "train.plot=false"))
     assert not (out / "final").exists() and not (out / "loss.png").exists() and (out / "summary.json").is_file()
     assert lean["final_model"] is None and lean["best_checkpoint"] is None
     assert lean["test_loss"] == pytest.approx(disk["test_loss"], rel=1e-6)
@@ -79,7 +81,7 @@ def test_no_final_folder_and_the_model_stays_in_memory(tiny_checkpoint, task_fil
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_best_at_the_start_puts_the_pretrained_weights_back(tiny_checkpoint, task_files, tmp_path):
+def test_best_at_the_start_puts_the_pretrained_weights_back(tiny_checkpoint, tmp_path, train_cfg):
     # a validation set that training can only make worse (responses of a character the task never
     # shows): its best loss is the one before training, at step 0. (Checkpoint folders cannot hold
     # step 0: Trainer does not save at its first evaluation.)
@@ -91,8 +93,8 @@ def test_best_at_the_start_puts_the_pretrained_weights_back(tiny_checkpoint, tas
     valid.write_text("".join(json.dumps({"instruction": "Who lives in town?", "output": "~" * 40}) + "\n"
                              for _ in range(8)))
     out = tmp_path / "memory"
-    summary = run_training(_cfg(tiny_checkpoint, task_files, out, "train.keep_best=memory",
-                                f"data.valid_file={valid}", "train.max_steps=10"))
+    summary = run_training(train_cfg(out, "train.keep_best=memory",
+                                     f"data.valid_file={valid}", "train.max_steps=10"))
     evals = [r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert summary["best_step"] == 0 and evals[0] < min(evals[1:])
     before = load_file(Path(tiny_checkpoint) / "model.safetensors")
@@ -116,12 +118,12 @@ def _scheduled_valid_losses(monkeypatch, losses: dict[int, float]) -> None:
     monkeypatch.setattr(DirtuneTrainer, "evaluation_loop", loop)
 
 
-def test_a_best_in_the_middle_comes_back_as_from_its_checkpoint(tiny_checkpoint, task_files, tmp_path, monkeypatch):
+def test_a_best_in_the_middle_comes_back_as_from_its_checkpoint(tmp_path, monkeypatch, train_cfg):
     from safetensors.torch import load_file
 
     _scheduled_valid_losses(monkeypatch, {0: 9.0, 5: 3.0, 10: 1.0, 15: 2.0})  # best at step 10 of 20
-    disk = run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "disk"))
-    memory = run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "memory", "train.keep_best=memory"))
+    disk = run_training(train_cfg(tmp_path / "disk"))
+    memory = run_training(train_cfg(tmp_path / "memory", "train.keep_best=memory"))
     assert disk["best_step"] == memory["best_step"] == 10
     assert memory["test_loss"] == pytest.approx(disk["test_loss"], rel=1e-6)
     a = load_file(tmp_path / "disk" / "final" / "model.safetensors")
@@ -132,7 +134,7 @@ def test_a_best_in_the_middle_comes_back_as_from_its_checkpoint(tiny_checkpoint,
         if r["kind"] == "eval" and r["step"] == 10)
 
 
-def test_an_interrupted_memory_run_stops_cleanly_and_starts_again(tiny_checkpoint, task_files, tmp_path, monkeypatch):
+def test_an_interrupted_memory_run_stops_cleanly_and_starts_again(tmp_path, monkeypatch, train_cfg):
     from dirtune.train.callbacks import FaultGuard
 
     original = FaultGuard.on_step_end
@@ -145,10 +147,10 @@ def test_an_interrupted_memory_run_stops_cleanly_and_starts_again(tiny_checkpoin
     monkeypatch.setattr(FaultGuard, "on_step_end", on_step_end)
     out = tmp_path / "cut"
     extra = ("train.keep_best=memory", "train.save_only_model=true")
-    cut = run_training(_cfg(tiny_checkpoint, task_files, out, *extra))
+    cut = run_training(train_cfg(out, *extra))
     assert cut["interrupted"] == "SIGTERM" and cut["final_step"] == 7
     assert not (out / "summary.json").exists() and not (out / "final").exists()
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-7"]  # weights only: not resumable
     monkeypatch.setattr(FaultGuard, "on_step_end", original)
-    again = run_training(_cfg(tiny_checkpoint, task_files, out, *extra, "train.overwrite=true"))
+    again = run_training(train_cfg(out, *extra, "train.overwrite=true"))
     assert again["final_step"] == 20 and (out / "summary.json").is_file()

@@ -19,15 +19,13 @@ from dirtune.models.lora import load_for_inference
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-def test_train_lora_on_a_gguf_then_generate_eval_merge(tiny_gguf, task_files, tmp_path, capsys):
+def test_train_lora_on_a_gguf_then_generate_eval_merge(tiny_gguf, task_files, run_overrides, tmp_path, capsys):
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
     run = tmp_path / "run"
-    args = ["train", str(cfg), f"model.path={tiny_gguf}", f"data.train_file={task_files['task_train']}",
-            f"data.valid_file={task_files['task_valid']}", "data.max_length=128", "data.max_eval_samples=8",
-            f"train.output_dir={run}", "train.batch_size=4", "train.max_steps=4", "train.eval_every=2",
-            "train.progress=false", "train.report_to=[none]", "train.device=cpu", "finetune.lora_r=4",
-            "optimizer.lr=3e-2"]
+    args = ["train", str(cfg), *run_overrides(
+        run, "data.max_length=128", "data.max_eval_samples=8", "train.batch_size=4", "train.max_steps=4",
+        "train.eval_every=2", "finetune.lora_r=4", "optimizer.lr=3e-2", model=tiny_gguf)]
     assert main(args) == 0
     adapter = run / "final"
     acfg = json.loads((adapter / "adapter_config.json").read_text())

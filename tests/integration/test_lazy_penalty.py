@@ -19,12 +19,12 @@ COMMON = ["finetune.type=full", "optimizer.name=adamw", "method.penalty=coupled"
           "train.max_steps=9", "train.log_every=1", "train.drift_every=0"]
 
 
-def _cfg(ckpt, files, out, *extra):
-    return load_config(None, [
-        f"model.path={ckpt}", f"data.train_file={files['task_train']}", f"data.valid_file={files['task_valid']}",
-        "data.max_length=64", "data.max_eval_samples=8", f"train.output_dir={out}", "train.batch_size=4",
-        "train.eval_batch_size=8", "train.eval_every=100", "train.progress=false",
-        "train.report_to=[none]", "train.device=cpu", *extra])
+@pytest.fixture
+def train_cfg(run_overrides):
+    """`train_cfg(out, *extra)`: short sequences, batches of 4, no evaluation within the steps."""
+    return lambda out, *extra: load_config(None, run_overrides(
+        out, "data.max_length=64", "data.max_eval_samples=8", "train.batch_size=4", "train.eval_batch_size=8",
+        "train.eval_every=100", *extra))
 
 
 def _unlazy_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -54,10 +54,10 @@ def _train_rows(out: Path):
             if r["kind"] == "train"]
 
 
-def test_every_1_is_bitwise_the_unlazy_method(tiny_checkpoint, task_files, tmp_path, monkeypatch):
-    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "k1", *COMMON, "method.every=1"))
+def test_every_1_is_bitwise_the_unlazy_method(tmp_path, monkeypatch, train_cfg):
+    run_training(train_cfg(tmp_path / "k1", *COMMON, "method.every=1"))
     monkeypatch.setattr(DirtuneTrainer, "compute_loss", _unlazy_compute_loss)
-    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "ref", *COMMON))
+    run_training(train_cfg(tmp_path / "ref", *COMMON))
     assert _train_rows(tmp_path / "k1") == _train_rows(tmp_path / "ref")
     assert any(p > 0 for *_, p in _train_rows(tmp_path / "ref"))
     got = load_file(tmp_path / "k1" / "final" / "model.safetensors")
@@ -67,8 +67,7 @@ def test_every_1_is_bitwise_the_unlazy_method(tiny_checkpoint, task_files, tmp_p
         assert got[k].equal(want[k]), k
 
 
-def test_every_4_applies_the_penalty_at_every_4th_step_with_4_times_the_weight(
-        tiny_checkpoint, task_files, tmp_path, monkeypatch):
+def test_every_4_applies_the_penalty_at_every_4th_step_with_4_times_the_weight(tmp_path, monkeypatch, train_cfg):
     calls = []
     forward = DirectionPenalty.forward
 
@@ -78,7 +77,7 @@ def test_every_4_applies_the_penalty_at_every_4th_step_with_4_times_the_weight(
         return value
 
     monkeypatch.setattr(DirectionPenalty, "forward", counted)
-    run_training(_cfg(tiny_checkpoint, task_files, tmp_path / "k4", *COMMON, "method.every=4"))
+    run_training(train_cfg(tmp_path / "k4", *COMMON, "method.every=4"))
     rows = _train_rows(tmp_path / "k4")
     assert len(calls) == 3                                  # steps 0, 4, 8 of 9
     applied = {step - 1 for step, _, p in rows if p != 0}   # a row's step counts updates done
