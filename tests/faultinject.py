@@ -51,7 +51,7 @@ from safetensors.torch import load_file  # noqa: E402
 import dirtune.models.lora  # noqa: E402,F401  (imported before forking, with everything a run needs)
 import dirtune.train.runner  # noqa: E402,F401
 from dirtune.cli import main  # noqa: E402
-from dirtune.train import checksums, faults, run_folder  # noqa: E402
+from dirtune.train import atomic_save, checkpoints, checksums, run_folder  # noqa: E402
 from dirtune.train.trainer import DirtuneTrainer  # noqa: E402
 
 MAX_STEPS = 12
@@ -136,7 +136,7 @@ class Tripwire:
 
         def write_json(path, value):
             if trip.hit("write_json_atomically", trip.rel(path)):
-                staging = Path(path).with_name(faults.PARTIAL_PREFIX + Path(path).name)
+                staging = Path(path).with_name(checkpoints.PARTIAL_PREFIX + Path(path).name)
                 staging.write_text(json.dumps(value)[:40])
                 die()
             return real_json(path, value)
@@ -161,7 +161,7 @@ class Tripwire:
                     except (AttributeError, TypeError):
                         pass
         checksums.write = ck_write
-        faults.checksums.write = ck_write
+        atomic_save.checksums.write = ck_write
         run_folder.MetricsLog.write = log_write
         run_folder.write_json_atomically = write_json
         DirtuneTrainer.training_step = step
@@ -237,8 +237,8 @@ def no_traceback(log: Path) -> bool:
 def invariants(out: Path) -> list[str]:
     """What must hold in a run folder after any kill."""
     problems = []
-    for ckpt in faults.checkpoint_folders(out):
-        if (p := faults.checkpoint_problem(ckpt)) is not None:
+    for ckpt in checkpoints.checkpoint_folders(out):
+        if (p := checkpoints.checkpoint_problem(ckpt)) is not None:
             problems.append(f"{ckpt.name} is visible but incomplete: {p}")
     if (out / "summary.json").exists():
         try:
@@ -266,8 +266,8 @@ def differences(out: Path, ref: Path) -> list[str]:
         diffs.append(f"best checkpoint {s.get('best_checkpoint')} != {r.get('best_checkpoint')}")
     elif s.get("best_checkpoint") and not Path(s["best_checkpoint"]).is_dir():
         diffs.append(f"summary names {s['best_checkpoint']}, which is not there")
-    names = [p.name for p in faults.checkpoint_folders(out)]
-    if names != [p.name for p in faults.checkpoint_folders(ref)]:
+    names = [p.name for p in checkpoints.checkpoint_folders(out)]
+    if names != [p.name for p in checkpoints.checkpoint_folders(ref)]:
         diffs.append(f"checkpoints {names}")
     for folder in [*(n for n in names if (ref / n).is_dir()), "final"]:
         a, b = load_file(str(out / folder / ADAPTER)), load_file(str(ref / folder / ADAPTER))

@@ -74,7 +74,7 @@ ROWS = [
     ("evaluate (each set)", 1, "transformers", "Trainer.evaluation_loop"),
     ("eval forward passes", 2, "transformers", "Trainer.prediction_step"),
     ("eval records / target stop", 2, "dirtune.train.callbacks", "EvalRecorder.on_evaluate"),
-    ("best weights: checkpoint folder", 1, "dirtune.train.faults", "AtomicCheckpoints._save_checkpoint"),
+    ("best weights: checkpoint folder", 1, "dirtune.train.atomic_save", "AtomicCheckpoints._save_checkpoint"),
     ("best weights: memory copy (per eval set)", 1, "dirtune.train.callbacks", "BestInMemory.on_evaluate"),
     ("end: best weights back (disk)", 1, "transformers", "Trainer._load_best_model"),
     ("end: best weights back (memory)", 0, "dirtune.train.callbacks", "BestInMemory.restore"),

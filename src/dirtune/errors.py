@@ -11,7 +11,7 @@ import errno
 from dirtune.data.records import DataError
 from dirtune.models.errors import ModelError
 from dirtune.train.config import ConfigError
-from dirtune.train.faults import NonFiniteError
+from dirtune.train.nonfinite import NonFiniteError
 
 
 # An OSError with one of these is the machine's state, not a bug: the CLI prints it in one line.

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from dirtune.cli import main
-from dirtune.train import faults
+from dirtune.train import checkpoints
 from dirtune.train.run_folder import read_metrics
 from dirtune.train.trainer import DirtuneTrainer
 
@@ -116,7 +116,7 @@ def wait_for_checkpoint(child: subprocess.Popen, folder: Path, log: Path, timeou
 
 def test_reference_run_hands_over_its_last_weights(reference):
     assert train_steps(reference) == list(range(1, MAX_STEPS + 1))
-    assert sorted(p.name for p in faults.checkpoint_folders(reference)) == \
+    assert sorted(p.name for p in checkpoints.checkpoint_folders(reference)) == \
         ["checkpoint-16", "checkpoint-20", "checkpoint-24"]
     assert not list(reference.glob(".partial-*"))
     assert_same_weights(reference / "final", reference / f"checkpoint-{MAX_STEPS}")
@@ -152,8 +152,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_run_resumes_exactly(config,
     assert "SIGTERM" in text and "resume with train.resume=auto" in text and "Traceback" not in text
     assert not (out / "summary.json").exists()
 
-    last = faults.latest_good_checkpoint(out)
-    step = faults.step_of(last)
+    last = checkpoints.latest_good_checkpoint(out)
+    step = checkpoints.step_of(last)
     assert 8 <= step < MAX_STEPS and step == max(train_steps(out))  # saved at the step it stopped
     events = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "event"]
     assert events[-1]["event"] == "SIGTERM: checkpoint saved, stopping"
@@ -177,7 +177,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(config, reference,
     err = capsys.readouterr().err
     assert f"checkpoint {newest} is incomplete or corrupt: {ADAPTER} is truncated" in err
     assert (out / f"corrupt-checkpoint-{MAX_STEPS}" / ADAPTER).is_file()  # kept for inspection
-    assert faults.checkpoint_problem(newest) is None  # written again, whole
+    assert checkpoints.checkpoint_problem(newest) is None  # written again, whole
     assert_same_weights(out / "final", reference / "final")
 
 
@@ -196,7 +196,7 @@ def poison_loss(monkeypatch, at_step: int) -> None:
 
 
 def all_saved_weights_finite(out: Path) -> bool:
-    folders = [*faults.checkpoint_folders(out), out / "final"]
+    folders = [*checkpoints.checkpoint_folders(out), out / "final"]
     tensors = [t for f in folders if (f / ADAPTER).is_file() for t in weights(f).values()]
     return bool(tensors) and all(torch.isfinite(t).all() for t in tensors)
 
@@ -208,7 +208,7 @@ def test_nan_loss_stops_the_run_naming_the_step(config, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "dirtune train: error: step 7: the loss is NaN or Inf; stopped before the optimizer step" in err
     assert "train.nan_policy=skip" in err and "Traceback" not in err
-    assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-4"]
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-4"]
     assert all_saved_weights_finite(out) and not (out / "summary.json").exists()
     assert read_metrics(out / "metrics.jsonl")[-1] == {"kind": "event", "step": 7, "event": "non-finite loss: stopped"}
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back after the error
@@ -257,8 +257,8 @@ def test_full_disk_while_saving_keeps_the_earlier_checkpoints(config, tmp_path, 
     err = capsys.readouterr().err
     assert f"dirtune train: error: step 8: could not write the checkpoint into {out} ({reason}; " in err
     assert "GiB free there); the checkpoints already there are untouched" in err and "Traceback" not in err
-    assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-4"]
-    assert faults.checkpoint_problem(out / "checkpoint-4") is None
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-4"]
+    assert checkpoints.checkpoint_problem(out / "checkpoint-4") is None
     assert not list(out.glob(".partial-*"))
 
 
@@ -362,7 +362,7 @@ def test_the_best_checkpoint_survives_a_resume_from_another_spelling(config, tas
     with monkeypatch.context() as m:
         interrupt_at(m, 6)
         assert main(["train", str(config), "train.output_dir=run", *valid]) == 130
-    assert sorted(p.name for p in faults.checkpoint_folders(tmp_path / "run")) == ["checkpoint-2", "checkpoint-6"]
+    assert sorted(p.name for p in checkpoints.checkpoint_folders(tmp_path / "run")) == ["checkpoint-2", "checkpoint-6"]
     out = tmp_path / "run"
     if how == "moved":
         out = tmp_path / "moved"
@@ -370,7 +370,7 @@ def test_the_best_checkpoint_survives_a_resume_from_another_spelling(config, tas
     assert main(["train", str(config), f"train.output_dir={out}", *valid, "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_step"] == 2 and summary["best_checkpoint"] == str(out / "checkpoint-2")
-    assert sorted(p.name for p in faults.checkpoint_folders(out)) == ["checkpoint-12", "checkpoint-2"]
+    assert sorted(p.name for p in checkpoints.checkpoint_folders(out)) == ["checkpoint-12", "checkpoint-2"]
     assert_same_weights(out / "final", out / "checkpoint-2")
 
 
@@ -434,7 +434,7 @@ def test_a_full_disk_while_optimizer_pt_is_written_is_one_line(config, tmp_path,
     err = capsys.readouterr().err
     assert f"dirtune train: error: step 8: could not write the checkpoint into {out} (" in err
     assert "Traceback" not in err and "enforce fail" not in err
-    assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-4"]
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-4"]
     assert not list(out.glob(".partial-*"))
 
 
@@ -449,7 +449,7 @@ def test_nan_evaluations_stop_a_skipping_run_instead_of_ending_in_a_lie(config, 
     err = capsys.readouterr().err
     assert "dirtune train: error: step 4: the evaluation gives NaN or Inf (valid_loss)" in err
     assert not (out / "summary.json").exists() and not (out / "final").exists()
-    assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-2"]
 
 
 def test_skipping_stops_when_every_step_is_nan(config, tmp_path, monkeypatch, capsys):
@@ -516,4 +516,4 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(config, refer
     poison_loss(monkeypatch, at_step=7)  # after its first checkpoint: the old run is gone by then
     assert train(config, out, "train.seed=5", "--overwrite") == 2
     assert not (out / ".previous-run").exists() and not (out / "summary.json").exists()
-    assert [p.name for p in faults.checkpoint_folders(out)] == ["checkpoint-4"] and (out / "notes.txt").is_file()
+    assert [p.name for p in checkpoints.checkpoint_folders(out)] == ["checkpoint-4"] and (out / "notes.txt").is_file()

@@ -83,7 +83,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, train_cfg):
 
 def test_weights_only_checkpoints_keep_the_best_model_and_refuse_resume(tmp_path, train_cfg):
     from dirtune.train.config import ConfigError
-    from dirtune.train.faults import checkpoint_problem
+    from dirtune.train.checkpoints import checkpoint_problem
 
     extra = ["finetune.type=full", "train.save_total_limit=1"]
     full = run_training(train_cfg(tmp_path / "full", *extra))

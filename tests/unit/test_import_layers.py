@@ -9,7 +9,7 @@ Layers, low to high (a package may import its own modules and those of the layer
     data          records, templates, tokenisation, splits (beside method)       -> nothing
     models        loading, conversion, LoRA, DirectionPenalty's discovery       -> method, data
                   (data: a chat prompt is rendered exactly as training renders it)
-    train         config, the trainer, callbacks, the run folder, faults        -> models, method, data
+    train         config, the trainer, callbacks, the run folder, checkpoints   -> models, method, data
     integrations  the method inside other people's trainers (above train)       -> train and below
     bench         grids of runs, metrics, reports                               -> train and below
     cli           argparse, one function per subcommand                         -> everything but integrations

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from dirtune.method import sharded
 from dirtune.train.distributed import any_process
-from dirtune.train.faults import NonFiniteError
+from dirtune.train.nonfinite import NonFiniteError
 from dirtune.train.run_folder import MetricsLog
 
 

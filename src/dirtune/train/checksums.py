@@ -1,7 +1,7 @@
 """Checksums of a published folder (a checkpoint or final/): `checksums.json`, written after the
 files are complete and before the folder is renamed into place, verified before resuming.
 
-Structural checks (faults.checkpoint_problem) catch truncation; they cannot see bytes changed
+Structural checks (checkpoints.checkpoint_problem) catch truncation; they cannot see bytes changed
 in place (a bad disk block, a copy gone wrong). The digest can.
 
 Cost: every byte is read once more after writing (from the page cache, just written) and once

@@ -9,7 +9,7 @@ Layout of `train.output_dir`:
     loss.png         curves, rewritten at the end of every run
     tb/              TensorBoard events
     checkpoint-N/    transformers checkpoints (model or adapter, optimizer, scheduler, RNG, trainer state),
-                     each written atomically (faults.py)
+                     each written atomically (atomic_save.py)
     final/           the model the run hands over (the best checkpoint's if validated, else the last)
     .dirtune.lock    held (fcntl.flock) by the process writing the folder; removed when it ends
     .previous-run/   a run being replaced (--overwrite), until the new one writes its first checkpoint
@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from dirtune.train import faults
+from dirtune.train import checkpoints
 from dirtune.train.config import Config, ConfigError
 
 try:
@@ -52,7 +52,7 @@ def holds_run(out: Path) -> bool:
 
 def _run_items(out: Path) -> list[Path]:
     return [*(out / n for n in RUN_ITEMS if (out / n).exists()), *out.glob("checkpoint-*"),
-            *out.glob(faults.CORRUPT_PREFIX + "checkpoint-*")]
+            *out.glob(checkpoints.CORRUPT_PREFIX + "checkpoint-*")]
 
 
 # ---------------------------------------------------------------- one process per run folder
@@ -126,11 +126,11 @@ def _check_creatable(out: Path) -> None:
 def _set_aside(out: Path) -> None:
     """Move the run in `out` into out/.previous-run (one rename per item: nothing is copied);
     a marker file says when all of it is there."""
-    aside = out / faults.PREVIOUS_RUN
+    aside = out / checkpoints.PREVIOUS_RUN
     aside.mkdir()
     for item in _run_items(out):
         os.replace(item, aside / item.name)
-    (aside / faults.SET_ASIDE).write_text("")
+    (aside / checkpoints.SET_ASIDE).write_text("")
 
 
 def restore_replaced(out: Path) -> bool:
@@ -140,17 +140,17 @@ def restore_replaced(out: Path) -> bool:
     Killed while setting aside (no marker): the new run wrote nothing yet, so every item is
     either still in place or aside, and the aside ones are moved back.
     """
-    aside = out / faults.PREVIOUS_RUN
+    aside = out / checkpoints.PREVIOUS_RUN
     if not aside.is_dir():
         return False
-    complete = (aside / faults.SET_ASIDE).exists()
+    complete = (aside / checkpoints.SET_ASIDE).exists()
     if complete:
-        if faults.checkpoint_folders(out):
+        if checkpoints.checkpoint_folders(out):
             return False  # the new run has its first checkpoint: the old one is to go
-        for item in [*_run_items(out), *out.glob(faults.PARTIAL_PREFIX + "*"),
-                     *out.glob(faults.REPLACED_PREFIX + "*")]:
-            faults._remove(item)
-        (aside / faults.SET_ASIDE).unlink()
+        for item in [*_run_items(out), *out.glob(checkpoints.PARTIAL_PREFIX + "*"),
+                     *out.glob(checkpoints.REPLACED_PREFIX + "*")]:
+            checkpoints.remove_path(item)
+        (aside / checkpoints.SET_ASIDE).unlink()
     for item in aside.iterdir():
         os.replace(item, out / item.name)
     aside.rmdir()
@@ -192,15 +192,15 @@ def resolve(cfg: Config) -> tuple[Path, Path | None]:
                           "another train.output_dir")
     if resume:
         if resume == "auto":
-            ckpt = faults.latest_good_checkpoint(out)
+            ckpt = checkpoints.latest_good_checkpoint(out)
             if ckpt is None and holds_run(out) and not cfg.train.overwrite:
                 raise ConfigError(f"train.resume=auto: {out} holds a run but no complete checkpoint to resume from; "
                                   "set train.overwrite=true to start again")
         else:
             ckpt = Path(resume)
-            problem = faults.checkpoint_problem(ckpt)
+            problem = checkpoints.checkpoint_problem(ckpt)
             if problem is not None:
-                good = faults.latest_good_checkpoint(ckpt.parent) if ckpt.parent.is_dir() else None
+                good = checkpoints.latest_good_checkpoint(ckpt.parent) if ckpt.parent.is_dir() else None
                 hint = f"; the newest complete checkpoint beside it is {good}" if good else ""
                 raise ConfigError(f"train.resume: {ckpt} cannot be resumed: {problem}{hint}")
         if ckpt is not None:
@@ -227,11 +227,11 @@ def claim(out: Path, resume_ckpt: Path | None) -> None:
     except OSError as e:
         raise ConfigError(f"train.output_dir: {out} cannot be created ({e.strerror})") from None
     lock(out)
-    faults.remove_leftovers(out)
+    checkpoints.remove_leftovers(out)
     if resume_ckpt is None and holds_run(out):
         _set_aside(out)
     elif resume_ckpt is not None and resume_ckpt.parent.resolve() == out.resolve():
-        faults.set_aside_corrupt(out, faults.step_of(resume_ckpt))
+        checkpoints.set_aside_corrupt(out, checkpoints.step_of(resume_ckpt))
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -300,7 +300,7 @@ def _clean(value: Any) -> Any:
 def write_json_atomically(path: Path, value: Any) -> None:
     """`path` holds the whole JSON or its old content, never a part (a kill mid-write leaves a
     .partial-* file, removed at the next start)."""
-    staging = path.with_name(faults.PARTIAL_PREFIX + path.name)
+    staging = path.with_name(checkpoints.PARTIAL_PREFIX + path.name)
     with open(staging, "w") as f:
         f.write(json.dumps(value, indent=2))
         f.flush()
@@ -321,7 +321,7 @@ class MetricsLog:
                       f"{', ...' if len(bad) > 5 else ''}), a write cut short by a kill", file=sys.stderr)
             kept = "".join(text + "\n" for text, r in lines if r.get("step", 0) <= resume_step)
             # rewritten whole or not at all: a kill here must not cost the lines before the checkpoint
-            staging = path.with_name(faults.PARTIAL_PREFIX + path.name)
+            staging = path.with_name(checkpoints.PARTIAL_PREFIX + path.name)
             staging.write_text(kept)
             os.replace(staging, path)
         elif resume_step is None:

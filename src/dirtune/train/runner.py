@@ -31,7 +31,7 @@ from dirtune.train import distributed, run_folder
 from dirtune.train.callbacks import BestInMemory, DriftMeter, EvalRecorder, FaultGuard, Progress
 from dirtune.train.compose import MethodParts, build_method
 from dirtune.train.config import Config, ConfigError, check_device
-from dirtune.train.faults import save_model_atomically
+from dirtune.train.atomic_save import save_model_atomically
 from dirtune.train.gpus import narrow_visible_gpus
 from dirtune.train.plots import plot_run
 from dirtune.train.schedule import StrengthSchedule

@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from dirtune.train import compose
 from dirtune.train.config import Config
-from dirtune.train.faults import AtomicCheckpoints
+from dirtune.train.atomic_save import AtomicCheckpoints
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -24,7 +24,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 class DirtuneTrainer(AtomicCheckpoints, Trainer):
     """Adds `penalty()` (a DirectionPenalty, already multiplied by lambda_dir) to the task loss and
     logs the task loss, the penalty and any drift metrics separately. Checkpoints are written
-    atomically (faults.AtomicCheckpoints)."""
+    atomically (atomic_save.AtomicCheckpoints)."""
 
     def __init__(self, *args, dirtune_cfg: Config, penalty=None, optimizer_plan: compose.OptimizerPlan | None = None,
                  metrics_log=None, extra_logs=None, **kwargs):

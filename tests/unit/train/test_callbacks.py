@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from dirtune.train.callbacks import BestInMemory, DriftMeter, EvalRecorder, FaultGuard
-from dirtune.train.faults import NonFiniteError
+from dirtune.train.nonfinite import NonFiniteError
 
 
 class ListLog:
@@ -184,3 +185,48 @@ def test_fault_guard_saves_and_stops_after_a_signal():
     guard.on_step_end(None, _state(7), control)
     assert control.should_save and control.should_training_stop
     assert log.records[-1]["event"] == "SIGTERM: checkpoint saved, stopping"
+
+
+def test_a_signal_saves_and_stops_and_a_second_one_stops_at_once(tmp_path, capsys):
+    import signal
+
+    from transformers import TrainerControl, TrainerState
+
+    from dirtune.train.callbacks import FaultGuard
+    from dirtune.train.run_folder import MetricsLog, read_metrics
+
+    guard = FaultGuard("stop", MetricsLog(tmp_path / "metrics.jsonl"), lambda: None)
+    before = signal.getsignal(signal.SIGINT)
+    guard.on_train_begin(None, None, None)
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert guard.interrupted == "SIGINT"
+        control = TrainerControl()
+        guard.on_step_end(None, TrainerState(global_step=5), control)
+        assert control.should_save and control.should_training_stop
+        assert read_metrics(tmp_path / "metrics.jsonl") == [
+            {"kind": "event", "step": 5, "event": "SIGINT: checkpoint saved, stopping"}]
+        with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C is Python's own again
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        guard.release_signals()
+    assert signal.getsignal(signal.SIGINT) is before
+    err = capsys.readouterr().err
+    assert "SIGINT: saving a checkpoint after this step" in err and "second SIGINT: stopping without saving" in err
+
+
+def test_a_resumed_run_counts_what_happened_before_its_checkpoint(tmp_path):
+    """skipped_steps and target_step came from memory only: a resumed run reported 0 and None."""
+    from dirtune.train.callbacks import EvalRecorder, FaultGuard
+    from dirtune.train.run_folder import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "event", "step": 3, "event": "non-finite loss: step skipped"},
+        {"kind": "eval", "step": 4, "eval_loss": 2.0},
+        {"kind": "event", "step": 5, "event": "non-finite gradient: step skipped"},
+        {"kind": "eval", "step": 6, "eval_loss": 1.2},
+        {"kind": "eval", "step": 8, "eval_loss": 1.1}]))
+    log = MetricsLog(path, resume_step=8)
+    assert FaultGuard("skip", log, lambda: None).skipped == 2
+    assert EvalRecorder(log, 1.5).target_step == 6 and EvalRecorder(log, 1.0).target_step is None

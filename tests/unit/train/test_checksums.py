@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dirtune.train import checksums, faults
+from dirtune.train import checkpoints, checksums
 
 
 def checkpoint(folder: Path) -> Path:
@@ -36,7 +36,7 @@ def test_a_fresh_checkpoint_matches_its_checksums(tmp_path):
     record = json.loads((ckpt / checksums.NAME).read_text())
     assert set(record["files"]) == {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                                     "trainer_state.json", "sub/empty.bin"}
-    assert checksums.problem(ckpt) is None and faults.checkpoint_problem(ckpt) is None
+    assert checksums.problem(ckpt) is None and checkpoints.checkpoint_problem(ckpt) is None
 
 
 def test_bytes_changed_inside_the_tensor_data_are_caught(tmp_path):
@@ -44,7 +44,7 @@ def test_bytes_changed_inside_the_tensor_data_are_caught(tmp_path):
     ckpt = checkpoint(tmp_path / "checkpoint-4")
     weights = ckpt / "adapter_model.safetensors"
     overwrite(weights, weights.stat().st_size // 2, b"\xff" * 64)
-    problem = faults.checkpoint_problem(ckpt)
+    problem = checkpoints.checkpoint_problem(ckpt)
     assert problem == ("adapter_model.safetensors does not match its checksum "
                        "(its bytes changed after it was written)")
 
@@ -72,4 +72,4 @@ def test_a_file_larger_than_one_block_is_hashed_block_by_block(tmp_path, monkeyp
 def test_checkpoints_written_before_checksums_existed_still_resume(tmp_path):
     ckpt = checkpoint(tmp_path / "checkpoint-4")
     (ckpt / checksums.NAME).unlink()
-    assert faults.checkpoint_problem(ckpt) is None
+    assert checkpoints.checkpoint_problem(ckpt) is None

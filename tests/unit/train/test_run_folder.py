@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_checkpoint import make_checkpoint, truncate
 
 from dirtune.train import run_folder
 from dirtune.train.config import ConfigError, load_config
@@ -212,3 +213,48 @@ def test_summary_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     run_folder.write_json_atomically(path, {"new": 2})
     assert json.loads(path.read_text()) == {"new": 2} and not list(tmp_path.glob(".partial-*"))
+
+
+def test_resolve_auto_falls_back_and_claim_sets_the_damaged_one_aside(tmp_path, capsys):
+    out = tmp_path / "run"
+    for step in (5, 10):
+        make_checkpoint(out / f"checkpoint-{step}", step)
+    (out / "metrics.jsonl").write_text("")
+    truncate(out / "checkpoint-10" / "model.safetensors")
+    resolved, ckpt = run_folder.resolve(cfg(out, "train.resume=auto"))
+    assert (resolved, ckpt) == (out, out / "checkpoint-5")
+    assert "checkpoint-10 is incomplete or corrupt" in capsys.readouterr().err
+    assert (out / "checkpoint-10").is_dir()  # resolve() writes nothing
+    run_folder.claim(out, ckpt)
+    assert (out / "corrupt-checkpoint-10").is_dir() and not (out / "checkpoint-10").exists()
+
+
+def test_resolve_refuses_a_damaged_named_checkpoint_and_points_at_a_good_one(tmp_path):
+    make_checkpoint(tmp_path / "checkpoint-5", 5)
+    make_checkpoint(tmp_path / "checkpoint-10", 10)
+    (tmp_path / "checkpoint-10" / "scheduler.pt").unlink()
+    with pytest.raises(ConfigError, match=r"train.resume: .*checkpoint-10 cannot be resumed: no scheduler.pt; "
+                                          r"the newest complete checkpoint beside it is .*checkpoint-5"):
+        run_folder.resolve(cfg(tmp_path / "out", f"train.resume={tmp_path / 'checkpoint-10'}"))
+
+
+def test_resolve_auto_with_only_damaged_checkpoints_refuses(tmp_path):
+    make_checkpoint(tmp_path / "checkpoint-5", 5)
+    truncate(tmp_path / "checkpoint-5" / "optimizer.pt")
+    with pytest.raises(ConfigError, match="no complete checkpoint to resume from"):
+        run_folder.resolve(cfg(tmp_path, "train.resume=auto"))
+
+
+def test_resolve_refuses_a_used_folder_and_writes_nothing(tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_folder.resolve(cfg(tmp_path))
+    resolved, ckpt = run_folder.resolve(cfg(tmp_path, "train.overwrite=true"))
+    assert ckpt is None and (tmp_path / "summary.json").read_text() == "{}"  # cleared only by claim()
+    make_checkpoint(tmp_path / "checkpoint-5", 5)
+    (tmp_path / "final").mkdir()
+    run_folder.claim(resolved, None)
+    # the old run is set aside whole (not deleted) until the new one writes its first checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dirtune.lock", ".previous-run"]
+    assert sorted(p.name for p in (tmp_path / ".previous-run").iterdir()) == [".complete", "checkpoint-5", "final",
+                                                                            "summary.json"]
