@@ -4,7 +4,8 @@ and metrics.jsonl.
 Layout of `train.output_dir`:
     config.yaml      the resolved config
     manifest.json    seed, library versions, data file hashes, git commit, command line
-    metrics.jsonl    one JSON object per line: {"kind": "train"|"eval"|"event", "step": int, ...}
+    metrics.jsonl    one JSON object per line: {"kind": "train"|"eval"|"event", "step": int, ...};
+                     train and eval lines also carry "time" (seconds, see MetricsLog)
     summary.json     the run's outcome (written last: its presence means the run finished)
     loss.png         curves, rewritten at the end of every run
     tb/              TensorBoard events
@@ -310,10 +311,20 @@ def write_json_atomically(path: Path, value: Any) -> None:
 
 class MetricsLog:
     """Append-only metrics.jsonl. On resume, lines past the checkpoint's step are dropped so that
-    the file describes exactly one trajectory, and so is a last line torn by a kill mid-write."""
+    the file describes exactly one trajectory, and so is a last line torn by a kill mid-write.
+
+    Train and eval records get "time": seconds (time.monotonic, 3 decimals) since the log was
+    opened, just before the trainer is built, so that a run killed before summary.json still
+    shows where its time went. A resumed run continues from the last time among the lines it
+    keeps: the time spent on the steps past the checkpoint, which are redone, is not counted.
+    """
+
+    TIMED_KINDS = ("train", "eval")
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
+        self._started = time.monotonic()
+        self._time_before = 0.0  # the time a resumed run had reached at its checkpoint
         if resume_step is not None and path.exists():
             lines, bad = _parse_lines(path)
             if bad:
@@ -324,6 +335,8 @@ class MetricsLog:
             staging = path.with_name(checkpoints.PARTIAL_PREFIX + path.name)
             staging.write_text(kept)
             os.replace(staging, path)
+            self._time_before = max((r["time"] for _, r in lines if r.get("step", 0) <= resume_step
+                                     and isinstance(r.get("time"), (int, float))), default=0.0)
         elif resume_step is None:
             path.write_text("")
         self._eval_steps = {r["step"] for r in self.read() if r.get("kind") == "eval"}
@@ -333,6 +346,8 @@ class MetricsLog:
             if record["step"] in self._eval_steps:
                 return
             self._eval_steps.add(record["step"])
+        if record.get("kind") in self.TIMED_KINDS:
+            record = {**record, "time": round(self._time_before + time.monotonic() - self._started, 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 

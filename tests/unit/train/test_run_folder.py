@@ -199,6 +199,31 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     assert not list(tmp_path.glob(".partial-*"))
 
 
+def test_train_and_eval_records_carry_a_time_that_increases_and_resumes_from_the_checkpoint(tmp_path, monkeypatch):
+    now = [100.0]
+
+    def monotonic():  # a clock that moves 0.25 s each time it is read
+        now[0] += 0.25
+        return now[0]
+
+    monkeypatch.setattr(run_folder.time, "monotonic", monotonic)
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for record in ({"kind": "train", "step": 1, "loss": 2.0}, {"kind": "event", "step": 1, "event": "x"},
+                   {"kind": "eval", "step": 2, "eval_loss": 1.5}, {"kind": "train", "step": 2, "loss": 1.0}):
+        log.write(record)
+    records = read_metrics(path)
+    assert [r.get("time") for r in records] == [0.25, None, 0.5, 0.75]  # events are not timed
+    # resumed from step 1: the clock continues from the last kept line, not from 0
+    MetricsLog(path, resume_step=1).write({"kind": "train", "step": 2, "loss": 1.0})
+    times = [r["time"] for r in read_metrics(path) if "time" in r]
+    assert times == [0.25, 0.5] and times == sorted(set(times))
+    # a log written before records were timed: the resumed run counts from 0
+    path.write_text(json.dumps({"kind": "train", "step": 1, "loss": 2.0}) + "\n")
+    MetricsLog(path, resume_step=1).write({"kind": "train", "step": 2, "loss": 1.0})
+    assert [r.get("time") for r in read_metrics(path)] == [None, 0.25]
+
+
 def test_summary_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
     path.write_text('{"old": 1}')
