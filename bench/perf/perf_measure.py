@@ -30,17 +30,15 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() over reps after warmup calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
+def timings(fn, device: torch.device, reps: int) -> list[float]:
+    """Milliseconds of each of reps back-to-back fn() calls (CUDA events on a GPU, the clock elsewhere)."""
     if device.type != "cuda":
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
+        return times
     torch.cuda.synchronize()
     events = []
     for _ in range(reps):
@@ -50,7 +48,14 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median milliseconds of fn() over reps after warmup calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timings(fn, device, reps))
 
 
 _CYCLES_PER_MS: list[float] = []

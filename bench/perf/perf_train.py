@@ -29,7 +29,7 @@ import time
 import warnings
 
 import torch
-from perf_measure import LORA_TARGETS, free, host_ahead
+from perf_measure import LORA_TARGETS, free, host_ahead, timings
 
 from dirtune.method import fused as fused_mod
 from dirtune.method.balanced_adamw import BalancedAdamW
@@ -141,23 +141,7 @@ def interleaved(steps: list[tuple[str, object]], device: torch.device, *, rounds
         for name, fn in (steps if r % 2 == 0 else steps[::-1]):
             for _ in range(warmup):
                 fn()
-            got = []
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                events = []
-                for _ in range(reps):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    events.append((start, end))
-                torch.cuda.synchronize()
-                got = [s.elapsed_time(e) for s, e in events]
-            else:
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    fn()
-                    got.append(1e3 * (time.perf_counter() - t0))
+            got = timings(fn, device, reps)
             times[name].append(got)
             if split is not None:
                 # the host must finish enqueuing a step before the lead runs out: 1.5× the host
