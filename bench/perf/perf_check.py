@@ -75,20 +75,27 @@ def _stepped(base, grads, state_from, dtype, flags, kw, device):
     return ps, opt
 
 
+def _two_steps(shapes, device, path: dict, kw: dict):
+    """bf16 parameters moved off their anchors and two BalancedAdamW steps taken along `path`
+    (foreach or fused): realistic moments to check one more step from."""
+    ps = [torch.nn.Parameter(t) for t in _params(shapes, BF16, device, 0)]
+    opt = BalancedAdamW(ps, lr=1e-2, **path, **kw)
+    with torch.no_grad():
+        for p, d in zip(ps, _params(shapes, BF16, device, 1)):
+            p.add_(0.05 * d)
+    for t in range(2):
+        for p, g in zip(ps, _params(shapes, BF16, device, 2 + t)):
+            p.grad = g
+        opt.step()
+    return ps, opt
+
+
 def check_step(device) -> list[dict]:
     shapes = SHAPES["step"]
     out = []
     for name, kw in STEP_MODES:
         # two foreach steps in bf16 to get realistic moments, then one step three ways
-        ps = [torch.nn.Parameter(t) for t in _params(shapes, BF16, device, 0)]
-        opt = BalancedAdamW(ps, lr=1e-2, foreach=True, **kw)
-        with torch.no_grad():
-            for p, d in zip(ps, _params(shapes, BF16, device, 1)):
-                p.add_(0.05 * d)
-        for t in range(2):
-            for p, g in zip(ps, _params(shapes, BF16, device, 2 + t)):
-                p.grad = g
-            opt.step()
+        ps, opt = _two_steps(shapes, device, dict(foreach=True), kw)
         grads = _params(shapes, BF16, device, 9)
         state = [opt.state[p] for p in ps]
         base = [p.detach() for p in ps]
@@ -118,15 +125,7 @@ def check_fold(device) -> list[dict]:
     got = []
     for fold in (False, True):
         fused_mod.FOLD_TURN = fold
-        ps = [torch.nn.Parameter(t) for t in _params(shapes, BF16, device, 0)]
-        opt = BalancedAdamW(ps, lr=1e-2, fused=True, **kw)
-        with torch.no_grad():
-            for p, d in zip(ps, _params(shapes, BF16, device, 1)):
-                p.add_(0.05 * d)
-        for t in range(2):
-            for p, g in zip(ps, _params(shapes, BF16, device, 2 + t)):
-                p.grad = g
-            opt.step()
+        ps, opt = _two_steps(shapes, device, dict(fused=True), kw)
         got.append([p.detach().clone() for p in ps])
         del ps, opt
     fused_mod.FOLD_TURN = True
