@@ -54,6 +54,19 @@ def _sqrt(x, F64: tl.constexpr):
 
 
 @triton.jit
+def _turn_coefficients(pp, pr, r2, k, ROWS: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr):
+    """The row turn's (alpha, beta) from a row's sums p·p, p·r, r·r and the turn's strength k:
+    alpha = 1 - k·cos, beta = k·|p|/|r| (0 where a norm is 0), as (ROWS, 1) columns."""
+    norm = _sqrt(pp, F64)
+    norm0 = _sqrt(r2, F64)
+    one = tl.full([ROWS], 1.0, ACC)
+    inv_norm = tl.where(norm > 0, _div(one, tl.where(norm > 0, norm, one), F64), 0.0)
+    inv_norm0 = tl.where(norm0 > 0, _div(one, tl.where(norm0 > 0, norm0, one), F64), 0.0)
+    cos = pr * inv_norm * inv_norm0
+    return (1.0 - k * cos)[:, None], (k * norm * inv_norm0)[:, None]
+
+
+@triton.jit
 def _lerp(x, y, w):
     """torch.lerp's formula: exact at w = 0 and at w = 1."""
     diff = y - x
@@ -189,15 +202,7 @@ def _row_turn_kernel(p_addr, r_addr, rows, kappa,
         pp += tl.sum(p * p, axis=1)
         pr += tl.sum(p * r, axis=1)
         r2 += tl.sum(r * r, axis=1)
-    k = tl.load(kappa)
-    norm = _sqrt(pp, F64)
-    norm0 = _sqrt(r2, F64)
-    one = tl.full([ROWS], 1.0, ACC)
-    inv_norm = tl.where(norm > 0, _div(one, tl.where(norm > 0, norm, one), F64), 0.0)
-    inv_norm0 = tl.where(norm0 > 0, _div(one, tl.where(norm0 > 0, norm0, one), F64), 0.0)
-    cos = pr * inv_norm * inv_norm0
-    alpha = (1.0 - k * cos)[:, None]
-    beta = (k * norm * inv_norm0)[:, None]
+    alpha, beta = _turn_coefficients(pp, pr, r2, tl.load(kappa), ROWS, ACC, F64)
     for c0 in range(0, cols, COLS):  # second read of the row: mostly from L2
         idx = base[:, None] + (c0 + cc)[None, :]
         mask = row_ok[:, None] & ((c0 + cc) < cols)[None, :]
@@ -319,15 +324,7 @@ def _step_turn_kernel(p_addr, g_addr, m_addr, v_addr, a_addr, r_addr, index, coe
         pp += tl.sum(p * p, axis=1)
         pr += tl.sum(p * r, axis=1)
         r2 += tl.sum(r * r, axis=1)
-    kap = tl.load(kappa)
-    norm = _sqrt(pp, F64)
-    norm0 = _sqrt(r2, F64)
-    one = tl.full([ROWS], 1.0, ACC)
-    inv_norm = tl.where(norm > 0, _div(one, tl.where(norm > 0, norm, one), F64), 0.0)
-    inv_norm0 = tl.where(norm0 > 0, _div(one, tl.where(norm0 > 0, norm0, one), F64), 0.0)
-    cos = pr * inv_norm * inv_norm0
-    alpha = (1.0 - kap * cos)[:, None]
-    beta = (kap * norm * inv_norm0)[:, None]
+    alpha, beta = _turn_coefficients(pp, pr, r2, tl.load(kappa), ROWS, ACC, F64)
     for c0 in range(0, cols, COLS):
         idx = base[:, None] + (c0 + cc)[None, :]
         mask = row_ok[:, None] & ((c0 + cc) < cols)[None, :]
